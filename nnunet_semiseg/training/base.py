@@ -1,0 +1,395 @@
+"""The semi-supervised base trainer: nnU-Net's trainer plus an unlabelled stream, an EMA teacher and tapped
+decoder features (design §4, §5). It does the plumbing once; a method's trainer only names its loss terms::
+
+    class nnUNetTrainerMyMethod(nnUNetTrainerSemiSupervised):
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.loss_term_names = ('consistency',)
+
+        def compute_semisupervised_terms(self, batch):
+            ...
+            return {'consistency': (weight, value)}
+
+What the base guarantees:
+
+* one student forward over ``cat(labelled, unlabelled strong view)`` per step (two forwards before one backward
+  break DDP); the supervised loss is nnU-Net's own ``self.loss`` on the labelled part, deep supervision included;
+* the teacher (:class:`~nnunet_semiseg.teacher.EMATeacher`) lives outside ``self.network``, so
+  ``network_weights`` in every checkpoint is exactly what nnU-Net's ``build_network_architecture`` builds and plain
+  ``nnUNetv2_predict`` loads it; the teacher also averages the modules named in ``ema_module_names``;
+* decoder features are tapped with forward hooks on ``decoder.stages`` (PlainConvUNet, ResidualEncoderUNet), on
+  the student and on the teacher, registered before the first forward (so they also work under torch.compile);
+* extra trainable modules (projection heads) join nnU-Net's optimizer as a second parameter group and are
+  clipped with the network; under DDP their gradients are all-reduced (they sit outside the DDP wrapper);
+* nnU-Net's AMP path (autocast and grad scaler on CUDA only);
+* every loss term is logged once per epoch and drawn into ``progress.png``;
+* validation and ``checkpoint_best`` see labelled cases only (nnU-Net's split never contains unlabelled cases);
+* teacher, extra modules (queues included) and the step counter are saved under ``semiseg_state`` and restored
+  by ``--c``; checkpoints are written atomically, so a kill during a save never corrupts ``checkpoint_latest``.
+
+Inference uses the student (``network_weights``), as MONA/ARCO/ACTION evaluate; ``nnunet-semiseg export
+--weights teacher`` writes a model folder predicting with the EMA teacher instead.
+"""
+import os
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast, nn
+from torch import distributed as dist
+from torch._dynamo import OptimizedModule
+
+from nnunet_semiseg.teacher import EMATeacher
+from nnunet_semiseg.training.logging import SemiSegLocalLogger
+from nnunet_semiseg.unlabeled.dataloader import UnlabeledDataLoader, strong_transforms, weak_transforms
+from nnunet_semiseg.unlabeled.preprocess import (MANIFEST, ensure_unlabeled_preprocessed,
+                                                 unlabeled_preprocessed_folder)
+
+Output = Union[torch.Tensor, List[torch.Tensor]]
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The plain network inside DDP and/or torch.compile wrappers."""
+    if isinstance(network, nn.parallel.DistributedDataParallel):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+@dataclass
+class SemiSegBatch:
+    """What one training step hands to :meth:`nnUNetTrainerSemiSupervised.compute_semisupervised_terms`.
+
+    ``output`` is the student's output over ``cat(data, data_strong)`` (a list, highest resolution first, when
+    deep supervision is on); ``data_weak`` / ``data_strong`` are ``None`` when the dataset has no unlabelled images.
+    """
+    data: torch.Tensor                      # [B_l, C, *patch] labelled images
+    target: Output                          # nnU-Net's target(s) for them
+    output: Output                          # student output, labelled rows first
+    num_labeled: int
+    data_weak: Optional[torch.Tensor]       # [B_u, C, *patch] teacher view of the unlabelled patches
+    data_strong: Optional[torch.Tensor]     # [B_u, C, *patch] student view (same geometry)
+
+    @property
+    def has_unlabeled(self) -> bool:
+        return self.data_weak is not None
+
+    def logits(self, part: str = 'all') -> torch.Tensor:
+        """Full-resolution student logits ``[B, K, *patch]`` of 'labeled', 'unlabeled' or 'all' rows."""
+        out = self.output[0] if isinstance(self.output, (list, tuple)) else self.output
+        if part == 'labeled':
+            return out[:self.num_labeled]
+        if part == 'unlabeled':
+            return out[self.num_labeled:]
+        if part == 'all':
+            return out
+        raise ValueError(f"part must be 'labeled', 'unlabeled' or 'all', got {part!r}")
+
+    @property
+    def target_full_res(self) -> torch.Tensor:
+        """The labelled target at full resolution, ``[B_l, 1, *patch]``."""
+        return self.target[0] if isinstance(self.target, (list, tuple)) else self.target
+
+
+class nnUNetTrainerSemiSupervised(nnUNetTrainer):
+    """nnU-Net trainer with an unlabelled stream, an EMA teacher and decoder taps; supervised loss only until a
+    subclass adds terms in :meth:`compute_semisupervised_terms`. See the module docstring."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        # hyper-parameters: set after super().__init__, like nnU-Net's own variants, so subclasses can change them
+        self.ema_decay = 0.99
+        self.ema_warmup = True              # Mean Teacher's min(decay, 1 - 1/(n+1))
+        self.unlabeled_batch_size = None    # None: the labelled (per-rank) batch size
+        self.tapped_decoder_stages: Tuple[int, ...] = ()  # decoder.stages indices whose outputs are kept
+        self.tap_bottleneck = False         # keep the last encoder stage's output too
+        self.loss_term_names: Tuple[str, ...] = ()
+        self.ema_module_names: Tuple[str, ...] = ()  # semiseg_modules the teacher averages (teacher heads)
+        self.unlabeled_num_processes = None  # preprocessing workers; None: nnU-Net's default_num_processes
+
+        self.teacher: Optional[EMATeacher] = None
+        self.semiseg_modules = nn.ModuleDict()
+        self.dataloader_unlabeled = None
+        self.num_unlabeled_cases = 0
+        self.semiseg_step = 0
+        self._student_bundle: Optional[nn.ModuleDict] = None
+        self._features: Dict[Tuple[str, object], torch.Tensor] = {}
+        self._teacher_restored = False
+
+        local = SemiSegLocalLogger()
+        local.my_fantastic_logging = self.logger.local_logger.my_fantastic_logging
+        self.logger.local_logger = local
+
+    # ------------------------------------------------------------------ what subclasses override
+    def build_semiseg_modules(self, network: nn.Module) -> Dict[str, nn.Module]:
+        """Extra modules (projection heads, queues, loss modules with buffers) built once the network exists.
+        Trainable parameters among them join the optimizer; all of them are checkpointed."""
+        return {}
+
+    def compute_semisupervised_terms(self, batch: SemiSegBatch) -> Dict[str, Tuple[float, torch.Tensor]]:
+        """``{name: (weight, value)}``; the step minimises ``supervised + sum(weight * value)`` and logs ``value``."""
+        return {}
+
+    # ------------------------------------------------------------------ network side
+    @property
+    def total_iterations(self) -> int:
+        return self.num_epochs * self.num_iterations_per_epoch
+
+    def student_network(self) -> nn.Module:
+        return unwrap_network(self.network)
+
+    def configure_optimizers(self):
+        # initialize() calls this right after building (and compiling) the network and before the DDP wrap: the
+        # one place where extra modules can join nnU-Net's own optimizer without re-implementing initialize().
+        student = self.student_network()
+        self.semiseg_modules = nn.ModuleDict(self.build_semiseg_modules(student)).to(self.device)
+        self._student_bundle = nn.ModuleDict({'network': student,
+                                              **{n: self.semiseg_modules[n] for n in self.ema_module_names}})
+        # deepcopy before any hook is registered (a deepcopy copies hooks)
+        self.teacher = EMATeacher(self._student_bundle, self.ema_decay, self.ema_warmup).to(self.device)
+        self.teacher.module['network'].decoder.deep_supervision = False
+        self._register_taps(student, 'student')
+        self._register_taps(self.teacher.module['network'], 'teacher')
+
+        optimizer, lr_scheduler = super().configure_optimizers()
+        extra = [p for p in self.semiseg_modules.parameters() if p.requires_grad]
+        if extra:
+            optimizer.add_param_group({'params': extra})  # PolyLR sets the lr of every group
+        return optimizer, lr_scheduler
+
+    def _register_taps(self, network: nn.Module, role: str) -> None:
+        if not self.tapped_decoder_stages and not self.tap_bottleneck:
+            return
+        if not hasattr(network, 'decoder') or not hasattr(network.decoder, 'stages'):
+            raise RuntimeError(
+                f'{self.__class__.__name__} taps decoder features, which needs a U-Net with decoder.stages '
+                f'(PlainConvUNet, ResidualEncoderUNet); the plans use {network.__class__.__name__}. Use plans '
+                f'with one of those architectures.')
+        for i in self.tapped_decoder_stages:
+            network.decoder.stages[i].register_forward_hook(partial(self._store_feature, (role, i)))
+        if self.tap_bottleneck:
+            network.encoder.stages[-1].register_forward_hook(partial(self._store_feature, (role, 'bottleneck')))
+
+    def _store_feature(self, key, module, inputs, output):
+        self._features[key] = output
+
+    def student_features(self) -> Dict[object, torch.Tensor]:
+        """Tapped student features of the last forward: ``{stage index or 'bottleneck': [B, C_i, *spatial_i]}``,
+        rows in the order of the forward's batch (labelled first)."""
+        return {k: v for (role, k), v in self._features.items() if role == 'student'}
+
+    def teacher_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[object, torch.Tensor]]:
+        """Teacher logits ``[B, K, *patch]`` (full resolution, no gradient) and its tapped features."""
+        with torch.no_grad():
+            logits = self.teacher.module['network'](x)
+        feats = {k: v for (role, k), v in self._features.items() if role == 'teacher'}
+        return logits, feats
+
+    def _trainable_parameters(self) -> List[nn.Parameter]:
+        return list(self.network.parameters()) + [p for p in self.semiseg_modules.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ data side
+    def get_dataloaders(self):
+        dl_tr, dl_val = super().get_dataloaders()
+        self.dataloader_unlabeled = self.get_unlabeled_dataloader()
+        return dl_tr, dl_val
+
+    def _prepare_unlabeled_folder(self) -> Tuple[str, int]:
+        from nnunetv2.configuration import default_num_processes
+        from nnunetv2.paths import nnUNet_raw
+        folder = unlabeled_preprocessed_folder(self.preprocessed_dataset_folder_base,
+                                               self.configuration_manager.data_identifier)
+        raw = os.path.join(str(nnUNet_raw), self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
+        if raw is None or not os.path.isdir(raw):
+            # only the preprocessed data travelled (e.g. to a GPU node): use what is there
+            n = len(nnUNetDatasetBlosc2.get_identifiers(folder)) if os.path.isfile(os.path.join(folder, MANIFEST)) else 0
+            if n:
+                self.print_to_log_file(f'raw dataset not found: using the {n} preprocessed unlabelled cases in {folder}')
+            return folder, n
+        n_proc = self.unlabeled_num_processes or default_num_processes
+        return ensure_unlabeled_preprocessed(raw, self.preprocessed_dataset_folder_base, self.plans_manager,
+                                             self.configuration_manager, self.dataset_json,
+                                             num_processes=n_proc, log=self.print_to_log_file)
+
+    def get_unlabeled_dataloader(self):
+        """The unlabelled augmenter (``None`` with a warning when the dataset has no ``imagesTrUnlabeled/``)."""
+        if self.local_rank == 0:
+            folder, n = self._prepare_unlabeled_folder()
+        if self.is_ddp:
+            dist.barrier()  # rank 0 preprocesses once, the others wait
+        if self.local_rank != 0:
+            folder = unlabeled_preprocessed_folder(self.preprocessed_dataset_folder_base,
+                                                   self.configuration_manager.data_identifier)
+            n = len(nnUNetDatasetBlosc2.get_identifiers(folder)) if os.path.isdir(folder) else 0
+        self.num_unlabeled_cases = n
+        if n == 0:
+            msg = (f'{self.plans_manager.dataset_name} has no unlabelled images (imagesTrUnlabeled/ in its raw folder): '
+                   f'{self.__class__.__name__} trains with its supervised terms only.')
+            warnings.warn(msg)
+            self.print_to_log_file('WARNING: ' + msg)
+            return None
+        self.print_to_log_file(f'unlabelled stream: {n} cases from {folder}')
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        patch_size = self.configuration_manager.patch_size
+        loader = UnlabeledDataLoader(
+            nnUNetDatasetBlosc2(folder), self.unlabeled_batch_size or self.batch_size, initial_patch_size,
+            patch_size, self.label_manager,
+            weak_transforms(patch_size, rotation, mirror_axes, dummy_2d, self.configuration_manager.use_mask_for_norm),
+            strong_transforms(dummy_2d))
+        n_proc = get_allowed_n_proc_DA()
+        if n_proc == 0:
+            augmenter = SingleThreadedAugmenter(loader, None)
+        else:
+            augmenter = NonDetMultiThreadedAugmenter(loader, None, max(1, n_proc // 2), num_cached=max(3, n_proc // 4),
+                                                     seeds=None, pin_memory=self.device.type == 'cuda',
+                                                     wait_time=0.002)
+        next(augmenter)  # start the workers now, like nnU-Net does for its own loaders
+        return augmenter
+
+    # ------------------------------------------------------------------ training loop
+    def on_train_start(self):
+        super().on_train_start()
+        if not self._teacher_restored:
+            # after DDP's broadcast of rank 0's weights and after -pretrained_weights: teacher = student everywhere
+            self.teacher.copy_from(self._student_bundle)
+        self.logger.local_logger.add_terms(('supervised',) + tuple(self.loss_term_names), self.current_epoch)
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.semiseg_modules.train()
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch['data'].to(self.device, non_blocking=True)
+        target = batch['target']
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        data_weak = data_strong = None
+        if self.dataloader_unlabeled is not None:
+            unlabeled = next(self.dataloader_unlabeled)
+            data_weak = unlabeled['data_weak'].to(self.device, non_blocking=True)
+            data_strong = unlabeled['data_strong'].to(self.device, non_blocking=True)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
+            self._features.clear()
+            x = data if data_strong is None else torch.cat((data, data_strong))
+            output = self.network(x)
+            n = data.shape[0]
+            output_labeled = [o[:n] for o in output] if isinstance(output, (list, tuple)) else output[:n]
+            supervised = self.loss(output_labeled, target)
+            step = SemiSegBatch(data, target, output, n, data_weak, data_strong)
+            terms = self.compute_semisupervised_terms(step)
+            total = supervised
+            for weight, value in terms.values():
+                total = total + weight * value
+
+        params = self._trainable_parameters()
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(total).backward()
+            self._allreduce_semiseg_grads()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            total.backward()
+            self._allreduce_semiseg_grads()
+            torch.nn.utils.clip_grad_norm_(params, 12)
+            self.optimizer.step()
+        self.teacher.update(self._student_bundle)
+        self.semiseg_step += 1
+        out = {'loss': total.detach().cpu().numpy(), 'supervised': supervised.detach().cpu().numpy()}
+        out.update({k: torch.as_tensor(v).detach().float().cpu().numpy() for k, (_, v) in terms.items()})
+        return out
+
+    def _allreduce_semiseg_grads(self) -> None:
+        # heads live outside the DDP wrapper, so DDP does not average their gradients
+        if not self.is_ddp:
+            return
+        world = dist.get_world_size()
+        for p in self.semiseg_modules.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        summary = []
+        for name in ('supervised',) + tuple(self.loss_term_names):
+            values = [float(np.mean(o[name])) for o in train_outputs if name in o]
+            value = float(np.mean(values)) if values else float('nan')
+            if self.is_ddp:
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, value)
+                value = float(np.nanmean(gathered))
+            self.logger.log(f'train_{name}', value, self.current_epoch)
+            summary.append(f'{name} {value:.4f}')
+        self.print_to_log_file('loss terms: ' + ', '.join(summary))
+
+    def on_train_end(self):
+        super().on_train_end()
+        if isinstance(self.dataloader_unlabeled, NonDetMultiThreadedAugmenter):
+            self.dataloader_unlabeled._finish()
+
+    # ------------------------------------------------------------------ checkpoints
+    def semiseg_state_dict(self) -> dict:
+        return {'format': 1, 'teacher': self.teacher.state_dict(), 'modules': self.semiseg_modules.state_dict(),
+                'step': self.semiseg_step, 'trainer': self.__class__.__name__}
+
+    def load_semiseg_state_dict(self, state: dict) -> None:
+        self.teacher.load_state_dict(state['teacher'])
+        self.semiseg_modules.load_state_dict(state['modules'])
+        self.semiseg_step = int(state['step'])
+        self._teacher_restored = True
+
+    def save_checkpoint(self, filename: str) -> None:
+        # nnU-Net's keys unchanged (network_weights = the student only), plus semiseg_state; written to a temporary
+        # file and renamed, so a kill mid-save leaves the previous checkpoint intact for --c
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file('No checkpoint written, checkpointing is disabled')
+            return
+        checkpoint = {
+            'network_weights': self.student_network().state_dict(),
+            'optimizer_state': self.optimizer.state_dict(),
+            'grad_scaler_state': self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            'logging': self.logger.get_checkpoint(),
+            '_best_ema': self._best_ema,
+            'current_epoch': self.current_epoch + 1,
+            'init_args': self.my_init_kwargs,
+            'trainer_name': self.__class__.__name__,
+            'inference_allowed_mirroring_axes': self.inference_allowed_mirroring_axes,
+            'semiseg_state': self.semiseg_state_dict(),
+        }
+        tmp = filename + '.tmp'
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        if not isinstance(filename_or_checkpoint, str):
+            raise TypeError(f'{self.__class__.__name__}.load_checkpoint expects a checkpoint file path')
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        state = checkpoint.get('semiseg_state')
+        if state is None:
+            self.print_to_log_file(f'{filename_or_checkpoint} has no semi-supervised state (written by another '
+                                   f'trainer?): the teacher starts from the loaded network')
+            self.teacher.copy_from(self._student_bundle)
+        else:
+            self.load_semiseg_state_dict(state)
+        self.logger.local_logger.add_terms(('supervised',) + tuple(self.loss_term_names), self.current_epoch)

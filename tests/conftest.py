@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny phantom dataset (labelled, unlabelled, test cases), planned and preprocessed by
+nnU-Net's own API for 2d and 3d_fullres, with a CPU-sized derived plans file. Built once per test session."""
+import json
+import os
+import tempfile
+
+# nnU-Net reads these at import time: one worker for its pools, in-process augmentation (CPU CI, 2 cores)
+os.environ.setdefault('nnUNet_def_n_proc', '1')
+os.environ.setdefault('nnUNet_n_proc_DA', '0')
+_session_root = tempfile.mkdtemp(prefix='nnunet_semiseg_tests_')
+for _var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+    os.environ.setdefault(_var, os.path.join(_session_root, _var))
+    os.makedirs(os.environ[_var], exist_ok=True)
+
+import pytest  # noqa: E402
+
+PHANTOM_ID = 991
+PHANTOM_NAME = 'Dataset991_TestPhantom'
+TINY_PLANS = 'nnUNetPlans_tiny'
+
+
+@pytest.fixture(scope='session')
+def phantom():
+    """dict(raw=..., preprocessed=..., name=..., cases=..., plans=TINY_PLANS) of a planned phantom dataset."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                      preprocess)
+    from nnunet_semiseg.demo import make_phantom_dataset, write_cpu_plans, write_split
+
+    raw, pre = os.environ['nnUNet_raw'], os.environ['nnUNet_preprocessed']
+    folder, cases = make_phantom_dataset(raw, PHANTOM_ID, 'TestPhantom', n_labeled=4, n_val=2, n_unlabeled=4,
+                                         n_test=2, shape=(8, 32, 32), seed=1)
+    split_file = write_split(pre, PHANTOM_NAME, cases['train'], cases['val'])
+    with open(split_file) as fh:
+        fold = json.load(fh)[0]
+    with open(split_file, 'w') as fh:  # identical folds, so tests can train into separate output folders
+        json.dump([fold] * 5, fh)
+    extract_fingerprints([PHANTOM_ID], num_processes=1, check_dataset_integrity=True, verbose=False,
+                         show_progress_bar=False)
+    da = os.environ.pop('nnUNet_n_proc_DA', None)  # nnU-Net's planner crashes on 0 (set_num_threads)
+    try:
+        plan_experiments([PHANTOM_ID])
+    finally:
+        if da is not None:
+            os.environ['nnUNet_n_proc_DA'] = da
+    preprocess([PHANTOM_ID], configurations=['2d', '3d_fullres'], num_processes=[1], show_progress_bar=False)
+    write_cpu_plans(os.path.join(pre, PHANTOM_NAME), name=TINY_PLANS, features=(4, 8, 16, 32), batch_size_2d=4,
+                    batch_size_3d=2)
+    return {'raw': folder, 'preprocessed': os.path.join(pre, PHANTOM_NAME), 'name': PHANTOM_NAME,
+            'id': PHANTOM_ID, 'cases': cases, 'plans': TINY_PLANS}
+
+
+def make_trainer(phantom, trainer_name, configuration='2d', epochs=1, iterations=2, val_iterations=1, fold=0,
+                 continue_training=False):
+    """A trainer built exactly as nnUNetv2_train builds it, with a tiny schedule (attributes, like nnU-Net's
+    variants)."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunet_semiseg.discovery import find_trainer
+
+    plans = load_json(os.path.join(phantom['preprocessed'], phantom['plans'] + '.json'))
+    plans['continue_training'] = continue_training
+    cls = find_trainer(trainer_name)
+    trainer = cls(plans, configuration, fold, load_json(os.path.join(phantom['preprocessed'], 'dataset.json')),
+                  torch.device('cpu'))
+    trainer.num_epochs, trainer.num_iterations_per_epoch = epochs, iterations
+    trainer.num_val_iterations_per_epoch = val_iterations
+    return trainer

@@ -70,30 +70,34 @@ def unwrap_network(network: nn.Module) -> nn.Module:
 class SemiSegBatch:
     """What one training step hands to :meth:`nnUNetTrainerSemiSupervised.compute_semisupervised_terms`.
 
-    ``output`` is the student's output over ``cat(data, data_strong)`` (a list, highest resolution first, when
-    deep supervision is on); ``data_weak`` / ``data_strong`` are ``None`` when the dataset has no unlabelled images.
+    ``output`` is the student's output over ``student_input`` (a list, highest resolution first, when deep
+    supervision is on); ``rows`` names the row ranges of that input (``'labeled'`` first, then ``'unlabeled'`` and
+    whatever :meth:`~nnUNetTrainerSemiSupervised.prepare_student_input` added). ``data_weak`` / ``data_strong`` are
+    ``None`` when the dataset has no unlabelled images.
     """
     data: torch.Tensor                      # [B_l, C, *patch] labelled images
     target: Output                          # nnU-Net's target(s) for them
-    output: Output                          # student output, labelled rows first
-    num_labeled: int
+    output: Output                          # student output, rows as in `rows`
+    rows: Dict[str, slice]
     data_weak: Optional[torch.Tensor]       # [B_u, C, *patch] teacher view of the unlabelled patches
     data_strong: Optional[torch.Tensor]     # [B_u, C, *patch] student view (same geometry)
+
+    @property
+    def num_labeled(self) -> int:
+        return self.data.shape[0]
 
     @property
     def has_unlabeled(self) -> bool:
         return self.data_weak is not None
 
     def logits(self, part: str = 'all') -> torch.Tensor:
-        """Full-resolution student logits ``[B, K, *patch]`` of 'labeled', 'unlabeled' or 'all' rows."""
+        """Full-resolution student logits ``[B, K, *patch]`` of the rows ``part`` ('all' or a key of ``rows``)."""
         out = self.output[0] if isinstance(self.output, (list, tuple)) else self.output
-        if part == 'labeled':
-            return out[:self.num_labeled]
-        if part == 'unlabeled':
-            return out[self.num_labeled:]
         if part == 'all':
             return out
-        raise ValueError(f"part must be 'labeled', 'unlabeled' or 'all', got {part!r}")
+        if part not in self.rows:
+            raise KeyError(f'no rows named {part!r}; this step has {list(self.rows)}')
+        return out[self.rows[part]]
 
     @property
     def target_full_res(self) -> torch.Tensor:
@@ -136,6 +140,17 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         """Extra modules (projection heads, queues, loss modules with buffers) built once the network exists.
         Trainable parameters among them join the optimizer; all of them are checkpointed."""
         return {}
+
+    def prepare_student_input(self, data: torch.Tensor, data_weak: Optional[torch.Tensor],
+                              data_strong: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, slice]]:
+        """The rows of the one student forward and their names: labelled first, then the strong unlabelled view.
+        Subclasses may run the teacher here (pseudo-labels for mixing) or append rows (an equivariance view);
+        everything goes through one forward, which DDP requires."""
+        n = data.shape[0]
+        if data_strong is None:
+            return data, {'labeled': slice(0, n)}
+        return torch.cat((data, data_strong)), {'labeled': slice(0, n),
+                                                'unlabeled': slice(n, n + data_strong.shape[0])}
 
     def compute_semisupervised_terms(self, batch: SemiSegBatch) -> Dict[str, Tuple[float, torch.Tensor]]:
         """``{name: (weight, value)}``; the step minimises ``supervised + sum(weight * value)`` and logs ``value``."""
@@ -284,12 +299,12 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
             self._features.clear()
-            x = data if data_strong is None else torch.cat((data, data_strong))
+            x, rows = self.prepare_student_input(data, data_weak, data_strong)
             output = self.network(x)
             n = data.shape[0]
             output_labeled = [o[:n] for o in output] if isinstance(output, (list, tuple)) else output[:n]
             supervised = self.loss(output_labeled, target)
-            step = SemiSegBatch(data, target, output, n, data_weak, data_strong)
+            step = SemiSegBatch(data, target, output, rows, data_weak, data_strong)
             terms = self.compute_semisupervised_terms(step)
             total = supervised
             for weight, value in terms.values():

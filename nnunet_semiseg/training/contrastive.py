@@ -1,0 +1,343 @@
+"""The two-stage contrastive pipeline shared by MONA / ARCO and ACTION / ACTION++ (docs/training_schedule.md).
+
+Stage 1, *relational pre-training* (the first ``pretrain_fraction`` of the iterations): supervised loss plus ISD-style
+relational distillation from the EMA teacher, globally (bottleneck embeddings against a bank of 36 teacher
+embeddings) and locally (per-window embeddings of the segmentation logits), ``tau_s = 0.1``, ``tau_t = 0.01``.
+MONA/ARCO (spec arco_mona.md §1.2) and ACTION (spec action.md §1.3-1.4, stages i and ii merged) describe the same
+terms; the papers run the stages as separate trainings, here they are the two phases of one nnU-Net run, so a
+killed run continues with ``--c`` in whichever phase it was.
+
+Stage 2, *fine-tuning*: the method's terms (:class:`PixelContrastMethod` for MONA/ARCO,
+:class:`AnatomicalContrastMethod` for ACTION/ACTION++), always with the confidence-weighted pseudo-label loss on the
+strong (CutMix-ed) unlabelled view, pseudo-labels from the teacher on the weak view.
+
+Every step: one teacher forward over ``cat(labelled, weak unlabelled)`` (pseudo-labels, teacher features), then one
+student forward over ``cat(labelled, strong unlabelled[, equivariance view])``.
+"""
+import math
+from functools import partial
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_semiseg.augment import cutmix
+from nnunet_semiseg.contrast.anatomical import AnatomicalContrastLoss, anco_valid_mask
+from nnunet_semiseg.contrast.ascl import AdaptiveSupervisedContrastLoss, sample_pixels_per_class
+from nnunet_semiseg.contrast.distillation import (GlobalDistillationLoss, LocalDistillationLoss,
+                                                  LocalPredictionHead, LocalProjectionHead, num_windows)
+from nnunet_semiseg.contrast.mona import EquivarianceLoss, NearestNeighbourLoss, confidence_weighted_ce
+from nnunet_semiseg.contrast.pixel_contrast import PixelContrastLoss, entropy_alpha, entropy_masks
+from nnunet_semiseg.contrast.pseudo_label import pseudo_labels
+from nnunet_semiseg.heads import DEFAULT_OUTPUT_LEVEL, DEFAULT_REP_DIM, EmbeddingHead, FPNProjectionHead, Predictor
+from nnunet_semiseg.schedules import cosine_tau
+from nnunet_semiseg.training.base import SemiSegBatch, nnUNetTrainerSemiSupervised
+
+
+def _resize_nearest(x: torch.Tensor, size) -> torch.Tensor:
+    """Nearest resize of ``[B, *sp]`` or ``[B, C, *sp]`` maps (labels, masks, probabilities) to ``size``."""
+    if tuple(x.shape[-len(size):]) == tuple(size):
+        return x
+    channels = x.ndim == len(size) + 2
+    y = F.interpolate((x if channels else x[:, None]).float(), size=tuple(size), mode='nearest')
+    return (y if channels else y[:, 0]).to(x.dtype)
+
+
+def _paste_like_cutmix(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Mix ``x [B, C, *sp]`` as :func:`~nnunet_semiseg.augment.cutmix` mixed the images: inside ``box`` (resized to
+    ``x``'s size) row ``i`` takes row ``(i + 1) % B``."""
+    box = _resize_nearest(box, x.shape[2:])[:, None]
+    return torch.where(box, x.roll(-1, dims=0), x)
+
+
+class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
+    """Plumbing of the two-stage pipeline (module docstring). Method subclasses implement
+    :meth:`build_method_modules` and :meth:`finetune_terms`; the named trainers in ``trainers/`` set attributes."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.label_manager.has_regions:
+            raise RuntimeError(f'{self.__class__.__name__} contrasts classes of a label map; region-based datasets '
+                               f'(dataset.json "regions_class_order") are not supported.')
+        spatial_dims = len(self.configuration_manager.patch_size)
+        n_decoder_stages = self.configuration_manager.network_arch_init_kwargs['n_stages'] - 1
+        self.ema_warmup = False              # the papers' code: constant 0.99 from the first step
+        self.pretrain_fraction = 1 / 3       # MONA/ARCO: 100 pre-training + 200 fine-tuning epochs
+        # relational pre-training
+        self.lambda_global, self.lambda_local = 1.0, 1.0
+        self.embedding_dim, self.distillation_bank_size = 512, 36
+        self.tau_student, self.tau_teacher = 0.1, 0.01
+        self.local_pool = 8 if spatial_dims == 2 else 4
+        # fine-tuning
+        self.rep_dim = DEFAULT_REP_DIM[spatial_dims]
+        self.rep_output_level = DEFAULT_OUTPUT_LEVEL[spatial_dims]
+        self.lambda_unsup = 1.0
+        self.unsup_threshold = 0.97
+        self.use_cutmix = True
+        self.sampler = 'naive'              # 'naive' | 'sg' | 'sag' (nnunet_semiseg.sampling), any method
+        self.sampler_grid = None            # None: 4x4 in 2D, 4x4 in plane x 2 through plane in 3D
+        k = min(4, n_decoder_stages)
+        self.tapped_decoder_stages = tuple(range(-k, 0))  # the finest k decoder stages, coarse -> fine
+        self.tap_bottleneck = True
+        self.ema_module_names = ('global_head', 'local_head', 'rep_head')
+        self.loss_term_names = ('global_distillation', 'local_distillation', 'unsup')
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ modules
+    @property
+    def pretrain_iterations(self) -> int:
+        return int(round(self.pretrain_fraction * self.total_iterations))
+
+    @property
+    def in_pretraining(self) -> bool:
+        return self.semiseg_step < self.pretrain_iterations
+
+    @property
+    def finetune_progress(self) -> Tuple[int, int]:
+        """(step, length) of the fine-tuning phase."""
+        return max(0, self.semiseg_step - self.pretrain_iterations), max(1, self.total_iterations - self.pretrain_iterations)
+
+    def _local_windows(self):
+        patch = [int(p) for p in self.configuration_manager.patch_size]
+        window = [max(1, math.ceil(p / 4)) for p in patch]
+        pool = [min(self.local_pool, w) for w in window]
+        return patch, window, pool
+
+    def build_semiseg_modules(self, network: nn.Module) -> Dict[str, nn.Module]:
+        conv_op = network.encoder.conv_op
+        encoder_channels = list(network.encoder.output_channels)
+        num_classes = self.label_manager.num_segmentation_heads
+        n_stages = len(network.decoder.stages)
+        # decoder stage s (0 = coarsest) outputs encoder_channels[-(s + 2)] channels
+        tapped_channels = [encoder_channels[-((n_stages + i) % n_stages + 2)] for i in self.tapped_decoder_stages]
+        patch, window, pool = self._local_windows()
+        modules = {
+            'global_head': EmbeddingHead(encoder_channels[-1], self.embedding_dim),
+            'global_predictor': Predictor(nn.Linear, self.embedding_dim),
+            'global_kl': GlobalDistillationLoss(self.embedding_dim, self.distillation_bank_size, self.tau_student,
+                                                self.tau_teacher),
+            'local_head': LocalProjectionHead(conv_op, num_classes, pool, window),
+            'local_predictor': LocalPredictionHead(conv_op, num_classes),
+            'local_kl': LocalDistillationLoss(num_windows(patch, window), num_classes * math.prod(pool),
+                                              self.distillation_bank_size, self.tau_student, self.tau_teacher),
+            'rep_head': FPNProjectionHead(conv_op, tapped_channels, self.rep_dim, output_level=self.rep_output_level),
+        }
+        modules.update(self.build_method_modules(network, num_classes))
+        return modules
+
+    def build_method_modules(self, network: nn.Module, num_classes: int) -> Dict[str, nn.Module]:
+        return {}
+
+    def query_sampler(self):
+        """The sampler as a ``fn(mask, n, generator=None) -> (indices, weights)`` callable."""
+        from nnunet_semiseg.sampling import sample
+        return partial(sample, mode=self.sampler, grid=self.sampler_grid)
+
+    # ------------------------------------------------------------------ the step
+    def prepare_student_input(self, data, data_weak, data_strong):
+        n = data.shape[0]
+        t_logits, t_feats = self.teacher_forward(data if data_weak is None else torch.cat((data, data_weak)))
+        cache = {'t_logits': t_logits.float(), 't_feats': t_feats, 'box': None}
+        rows = {'labeled': slice(0, n)}
+        x = data
+        if data_weak is not None:
+            probs_u, labels_u, conf_u = pseudo_labels(t_logits[n:])
+            strong = data_strong
+            if not self.in_pretraining and self.use_cutmix and strong.shape[0] > 1:
+                strong, labels_u, conf_u, probs_u, cache['box'] = cutmix(strong, labels_u, conf_u, probs_u)
+            cache.update(probs_u=probs_u, labels_u=labels_u, conf_u=conf_u)
+            x = torch.cat((data, strong))
+            rows['unlabeled'] = slice(n, n + strong.shape[0])
+        self._cache = cache
+        if not self.in_pretraining:
+            x, rows = self.append_student_rows(x, rows)
+        return x, rows
+
+    def append_student_rows(self, x: torch.Tensor, rows: Dict[str, slice]) -> Tuple[torch.Tensor, Dict[str, slice]]:
+        return x, rows
+
+    def compute_semisupervised_terms(self, batch: SemiSegBatch):
+        if self.in_pretraining:
+            return self.relational_terms(batch)
+        terms = {}
+        if batch.has_unlabeled:
+            terms['unsup'] = (self.lambda_unsup,
+                              confidence_weighted_ce(batch.logits('unlabeled'), self._cache['labels_u'],
+                                                     self._cache['conf_u'], self.unsup_threshold))
+        terms.update(self.finetune_terms(batch))
+        return terms
+
+    def current_tau_student(self) -> float:
+        return self.tau_student
+
+    def relational_terms(self, batch: SemiSegBatch):
+        mods, teacher = self.semiseg_modules, self.teacher.module
+        rows = slice(0, batch.num_labeled + (batch.data_weak.shape[0] if batch.has_unlabeled else 0))
+        tau_s = self.current_tau_student()
+        student_emb = mods['global_predictor'](mods['global_head'](self.student_features()['bottleneck'][rows]))
+        student_local = mods['local_predictor'](mods['local_head'](batch.logits('all')[rows].float()))
+        with torch.no_grad():
+            teacher_emb = teacher['global_head'](self._cache['t_feats']['bottleneck'])
+            teacher_local = teacher['local_head'](self._cache['t_logits'])
+        return {'global_distillation': (self.lambda_global, mods['global_kl'](student_emb, teacher_emb, tau_s=tau_s)),
+                'local_distillation': (self.lambda_local, mods['local_kl'](student_local, teacher_local, tau_s=tau_s))}
+
+    def finetune_terms(self, batch: SemiSegBatch) -> Dict[str, Tuple[float, torch.Tensor]]:
+        return {}
+
+    # helpers for the fine-tuning terms
+    def _labels_probs_conf(self, batch: SemiSegBatch):
+        """Full-resolution ``labels [B, *sp]`` (GT for labelled rows, ignore -> -1; pseudo-labels for unlabelled),
+        teacher ``probs [B, C, *sp]`` and ``confidence [B, *sp]`` (1 for labelled pixels)."""
+        n = batch.num_labeled
+        gt = batch.target_full_res[:, 0].long()
+        if self.label_manager.has_ignore_label:
+            gt = torch.where(gt == self.label_manager.ignore_label, torch.full_like(gt, -1), gt)
+        probs_l = self._cache['t_logits'][:n].softmax(1)
+        if not batch.has_unlabeled:
+            return gt, probs_l, torch.ones_like(gt, dtype=torch.float32)
+        return (torch.cat((gt, self._cache['labels_u'])), torch.cat((probs_l, self._cache['probs_u'])),
+                torch.cat((torch.ones_like(gt, dtype=torch.float32), self._cache['conf_u'])))
+
+    def _representations(self, batch: SemiSegBatch, predictor: Optional[str] = None):
+        """Student reps (with gradient) and teacher reps (CutMix-ed like the student's input) of the labelled and
+        unlabelled rows, ``[B, D, *sp_rep]`` each."""
+        mods = self.semiseg_modules
+        rows = slice(0, batch.num_labeled + (batch.data_weak.shape[0] if batch.has_unlabeled else 0))
+        feats = self.student_features()
+        student = mods['rep_head']([feats[i][rows] for i in self.tapped_decoder_stages])
+        if predictor is not None:
+            student = mods[predictor](student)
+        with torch.no_grad():
+            teacher = self.teacher.module['rep_head']([self._cache['t_feats'][i] for i in self.tapped_decoder_stages])
+            if self._cache['box'] is not None:
+                n = batch.num_labeled
+                teacher = torch.cat((teacher[:n], _paste_like_cutmix(teacher[n:], self._cache['box'])))
+        return student, teacher
+
+
+class PixelContrastMethod(nnUNetTrainerContrastiveBase):
+    """MONA / ARCO fine-tuning (spec arco_mona.md §1.3, §3, §5): pixel/voxel contrast on FPN representations with
+    anchors and negatives drawn by ``self.sampler``, the pseudo-label loss, the nearest-neighbour (diversity) loss
+    and, in 2D, the equivariance loss. Weights: the papers' 0.01 / 1 / 1 / 1."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        spatial_dims = len(self.configuration_manager.patch_size)
+        self.lambda_contrast, self.lambda_nn = 0.01, 1.0
+        self.lambda_equivariance = 1.0 if spatial_dims == 2 else 0.0  # the 2D code's term; 0 in 3D (spec B9)
+        self.contrast_temperature, self.num_queries, self.num_negatives = 0.5, 256, 512
+        self.negative_mode = 'bank'          # the intended U2PL bank, fixed (spec §3.3 u2pl_fixed); or 'paper'
+        self.negative_bank_size = 30000
+        self.nn_bank_size, self.nn_topk = 36, 5
+        self.loss_term_names = self.loss_term_names + ('contrast', 'nearest_neighbour', 'equivariance')
+
+    def build_method_modules(self, network, num_classes):
+        return {
+            'rep_predictor': Predictor(network.encoder.conv_op, self.rep_dim),
+            'pixel_contrast': PixelContrastLoss(num_classes, self.num_queries, self.num_negatives,
+                                                self.contrast_temperature, negative_mode=self.negative_mode,
+                                                rep_dim=self.rep_dim, bank_size=self.negative_bank_size,
+                                                sampler=self.sampler, grid=self.sampler_grid),
+            'nearest_neighbour': NearestNeighbourLoss(self.rep_dim, self.nn_bank_size, self.nn_topk),
+            'equivariance': EquivarianceLoss(),
+        }
+
+    def append_student_rows(self, x, rows):
+        if self.lambda_equivariance <= 0:
+            return x, rows
+        eqv = self.semiseg_modules['equivariance']
+        theta = eqv.make_transform(x.shape, None, device=x.device)
+        self._cache['theta'] = theta
+        n = x.shape[0]
+        return torch.cat((x, eqv.warp(x, theta))), dict(rows, equivariance=slice(n, 2 * n))
+
+    def finetune_terms(self, batch):
+        mods = self.semiseg_modules
+        n = batch.num_labeled
+        labels, probs, conf = self._labels_probs_conf(batch)
+        student, teacher = self._representations(batch, predictor='rep_predictor')
+        low = torch.ones_like(labels, dtype=torch.bool)
+        high = low.clone()
+        if batch.has_unlabeled:
+            step, length = self.finetune_progress
+            low_u, high_u = entropy_masks(self._cache['probs_u'], entropy_alpha(step, length))
+            low, high = torch.cat((low[:n], low_u)), torch.cat((high[:n], high_u))
+        is_labeled = torch.arange(labels.shape[0], device=labels.device) < n
+        terms = {'contrast': (self.lambda_contrast,
+                              mods['pixel_contrast'](student, teacher, labels, probs, low, high, is_labeled))}
+        if batch.has_unlabeled:
+            terms['nearest_neighbour'] = (self.lambda_nn, mods['nearest_neighbour'](student[n:], teacher[n:]))
+        if self.lambda_equivariance > 0:
+            eqv, theta = mods['equivariance'], self._cache['theta']
+            base_rows = slice(0, labels.shape[0])
+            target = eqv.warp(batch.logits('all')[base_rows].detach().float(), theta)
+            mask = eqv.warp(eqv.confidence_mask(labels, conf), theta)
+            terms['equivariance'] = (self.lambda_equivariance,
+                                     eqv(batch.logits('equivariance').float(), target, mask))
+        return terms
+
+
+class AnatomicalContrastMethod(nnUNetTrainerContrastiveBase):
+    """ACTION fine-tuning (spec action.md §1.5, §2.3-2.4): anatomical contrast with hard queries (student
+    probability < 0.97) and class-aware negatives on the representation head, plus the pseudo-label loss.
+    ACTION++ adds adaptive supervised contrast and cosine temperatures (``use_ascl``, ``dynamic_tau``)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.lambda_anco = 0.01                # the released code's weight (spec D3)
+        self.anco_tau, self.num_queries, self.num_negatives = 0.5, 256, 512
+        self.strong_threshold, self.weak_threshold = 0.97, 0.7
+        # ACTION++ (off here, on in nnUNetTrainerACTIONpp)
+        self.use_ascl = False
+        self.dynamic_tau = False
+        self.lambda_ascl, self.ascl_lambda_centre, self.ascl_queue_size, self.ascl_pixels_per_class = 0.01, 0.2, 12288, 256
+        self.tau_min, self.tau_max, self.tau_period_fraction = 0.1, 1.0, 1.0
+        self.loss_term_names = self.loss_term_names + ('anatomical_contrast', 'supervised_contrast')
+
+    def build_method_modules(self, network, num_classes):
+        modules = {'anatomical_contrast': AnatomicalContrastLoss(
+            self.num_queries, self.num_negatives, self.anco_tau, self.strong_threshold,
+            query_sampler=None if self.sampler == 'naive' else self.query_sampler())}
+        if self.use_ascl:
+            modules['supervised_contrast'] = AdaptiveSupervisedContrastLoss(
+                num_classes, self.rep_dim, self.ascl_queue_size, self.ascl_lambda_centre)
+        return modules
+
+    def _tau(self, step: int, length: int, default: float) -> float:
+        if not self.dynamic_tau:
+            return default
+        return cosine_tau(step, length, self.tau_min, self.tau_max, self.tau_period_fraction)
+
+    def current_tau_student(self) -> float:
+        # ACTION++ schedules the student temperature of the distillation; the teacher's stays sharp (spec §3.5)
+        return self._tau(self.semiseg_step, max(1, self.pretrain_iterations), self.tau_student)
+
+    def finetune_terms(self, batch):
+        mods = self.semiseg_modules
+        n = batch.num_labeled
+        labels, _, conf = self._labels_probs_conf(batch)
+        student, teacher = self._representations(batch)
+        size = student.shape[2:]
+        rows = slice(0, labels.shape[0])
+        student_probs = batch.logits('all')[rows].detach().float().softmax(1)
+        is_labeled = torch.arange(labels.shape[0], device=labels.device) < n
+        valid = anco_valid_mask(conf, is_labeled, self.weak_threshold)
+        labels_r, valid_r = _resize_nearest(labels, size), _resize_nearest(valid, size)
+        step, length = self.finetune_progress
+        terms = {'anatomical_contrast': (self.lambda_anco, mods['anatomical_contrast'](
+            student, labels_r, _resize_nearest(student_probs, size), valid_r, tau=self._tau(step, length, self.anco_tau)))}
+        if self.use_ascl:
+            idx = sample_pixels_per_class(labels_r[:n], self.label_manager.num_segmentation_heads,
+                                          self.ascl_pixels_per_class)
+            d = student.shape[1]
+            f = student[:n].movedim(1, -1).reshape(-1, d)[idx]
+            g = teacher[:n].movedim(1, -1).reshape(-1, d)[idx]
+            y = labels_r[:n].flatten()[idx]
+            terms['supervised_contrast'] = (self.lambda_ascl, mods['supervised_contrast'](
+                f, g, y, tau=self._tau(step, length, self.tau_min)))
+        return terms

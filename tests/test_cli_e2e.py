@@ -8,22 +8,16 @@ import sys
 import numpy as np
 import pytest
 
-from nnunet_semiseg._autoenv import trainers_dir
 
 BIN = os.path.dirname(sys.executable)
 DATASET_ID = 993
 
 VARIANT = '''
-import importlib.util, os
 import torch
-from nnunet_semiseg._autoenv import trainers_dir
-_spec = importlib.util.spec_from_file_location(
-    '_mean_teacher_for_cli_test', os.path.join(trainers_dir(), 'nnunet_semiseg_mean_teacher.py'))
-_mt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_mt)
+from nnunet_semiseg.training.mean_teacher import nnUNetTrainerMeanTeacher
 
 
-class nnUNetTrainerMeanTeacher_cliTest(_mt.nnUNetTrainerMeanTeacher):
+class nnUNetTrainerMeanTeacher_cliTest(nnUNetTrainerMeanTeacher):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 1

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from nnunet_semiseg._autoenv import trainers_dir
 
 
@@ -34,11 +36,18 @@ def test_folder_holds_only_trainer_modules_with_distinct_names():
     assert modules and all(f.startswith('nnunet_semiseg_') for f in modules)
 
 
-def test_nnunets_lookup_finds_our_trainer():
+@pytest.mark.parametrize('name', ['nnUNetTrainerMeanTeacher', 'nnUNetTrainerMONA', 'nnUNetTrainerARCO_SG',
+                                  'nnUNetTrainerARCO_SAG', 'nnUNetTrainerACTION', 'nnUNetTrainerACTIONpp'])
+def test_nnunets_lookup_finds_the_library_class(name):
+    """nnU-Net's own lookup returns the installed package's class itself: importable, picklable, subclassable."""
+    import importlib
+    import pickle
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunet_semiseg.discovery import find_trainer
-    cls = find_trainer('nnUNetTrainerMeanTeacher')
-    assert cls.__name__ == 'nnUNetTrainerMeanTeacher' and issubclass(cls, nnUNetTrainer)
+    cls = find_trainer(name)
+    assert issubclass(cls, nnUNetTrainer) and cls.__module__.startswith('nnunet_semiseg.training.')
+    assert getattr(importlib.import_module(cls.__module__), name) is cls
+    assert pickle.loads(pickle.dumps(cls)) is cls
 
 
 def test_trainers_dir_command_prints_the_folder():

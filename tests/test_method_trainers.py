@@ -66,3 +66,17 @@ def test_mona_bank_negatives_fill(phantom):
     trainer = _train(phantom, 'nnUNetTrainerMONA', '2d', fold=4)
     banks = trainer.semiseg_modules['pixel_contrast'].banks
     assert sum(len(b) for b in banks) > 0  # the released code's bank stays empty (spec B1)
+
+
+def test_predicts_through_nnunets_predictor(phantom):
+    """nnU-Net's predictor finds the trainer by the name in the checkpoint and loads network_weights strictly."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    trainer = _train(phantom, 'nnUNetTrainerARCO_SAG', '3d_fullres', fold=2)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device('cpu'), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(trainer.output_folder_base, use_folds=(2,),
+                                                   checkpoint_name='checkpoint_final.pth')
+    image, props = SimpleITKIO().read_images(
+        [os.path.join(phantom['raw'], 'imagesTs', phantom['cases']['test'][0] + '_0000.nii.gz')])
+    seg = predictor.predict_single_npy_array(image, props, None, None, False)
+    assert seg.shape == image.shape[1:] and set(np.unique(seg)) <= {0, 1, 2, 3}

@@ -14,6 +14,7 @@ Without ``-d`` a phantom dataset is generated and planned in a temporary folder 
     python benchmarks/bench_trainers.py -d 27 -c 2d -p nnUNetPlans --device cuda   # your planned dataset
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -112,7 +113,8 @@ def main():
         root = tempfile.mkdtemp(prefix='nnunet_semiseg_bench_')
         os.environ.update({k: v for k, v in env.items() if k == 'nnUNet_def_n_proc'})
         da = os.environ.pop('nnUNet_n_proc_DA', None)
-        make_phantom(root)
+        with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's planning chatter; the table goes to stdout
+            make_phantom(root)
         if da is not None:
             os.environ['nnUNet_n_proc_DA'] = da
         env.update({k: os.environ[k] for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')})

@@ -80,3 +80,14 @@ def test_predicts_through_nnunets_predictor(phantom):
         [os.path.join(phantom['raw'], 'imagesTs', phantom['cases']['test'][0] + '_0000.nii.gz')])
     seg = predictor.predict_single_npy_array(image, props, None, None, False)
     assert seg.shape == image.shape[1:] and set(np.unique(seg)) <= {0, 1, 2, 3}
+
+
+def test_phase_switch_inside_an_epoch(phantom):
+    """Pre-training ends after step 1 of a 3-step epoch: the epoch's terms are the means over the steps where each
+    was active."""
+    trainer = make_trainer(phantom, 'nnUNetTrainerACTION', '2d', epochs=1, iterations=3, fold=1)
+    trainer.pretrain_fraction = 1 / 3
+    trainer.num_queries, trainer.num_negatives = 64, 128
+    trainer.run_training()
+    log = trainer.logger.local_logger.my_fantastic_logging
+    assert np.isfinite(log['train_global_distillation'][0]) and np.isfinite(log['train_anatomical_contrast'][0])

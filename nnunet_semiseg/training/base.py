@@ -326,6 +326,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.teacher.update(self._student_bundle)
         self.semiseg_step += 1
         out = {'loss': total.detach().cpu().numpy(), 'supervised': supervised.detach().cpu().numpy()}
+        # every step reports every term (NaN when inactive): nnU-Net collates the outputs of an epoch by the keys of
+        # its first step, and a phase switch or a missing unlabelled stream must not change the keys mid-epoch
+        out.update({name: np.array(np.nan, dtype=np.float32) for name in self.loss_term_names})
         out.update({k: torch.as_tensor(v).detach().float().cpu().numpy() for k, (_, v) in terms.items()})
         return out
 
@@ -345,8 +348,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         super().on_train_epoch_end(train_outputs)
         summary = []
         for name in ('supervised',) + tuple(self.loss_term_names):
-            values = [float(np.mean(o[name])) for o in train_outputs if name in o]
-            value = float(np.mean(values)) if values else float('nan')
+            values = np.array([float(np.mean(o[name])) for o in train_outputs if name in o])
+            values = values[np.isfinite(values)]  # steps where the term was inactive report NaN
+            value = float(values.mean()) if values.size else float('nan')
             if self.is_ddp:
                 gathered = [None] * dist.get_world_size()
                 dist.all_gather_object(gathered, value)

@@ -80,13 +80,10 @@ def make_phantom(root: str) -> None:
     for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         os.environ[var] = os.path.join(root, var)
         os.makedirs(os.environ[var], exist_ok=True)
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
-    from nnunet_semiseg.demo import make_phantom_dataset, write_cpu_plans
+    from nnunet_semiseg.demo import make_phantom_dataset, plan_and_preprocess, write_cpu_plans
     make_phantom_dataset(os.environ['nnUNet_raw'], 995, 'BenchPhantom', n_labeled=6, n_val=0, n_unlabeled=8, n_test=0,
                          shape=(16, 96, 96))
-    extract_fingerprints([995], num_processes=2, verbose=False, show_progress_bar=False)
-    plan_experiments([995])
-    preprocess([995], configurations=['2d', '3d_fullres'], num_processes=[2], show_progress_bar=False)
+    plan_and_preprocess(995, ['2d', '3d_fullres'], num_processes=2, progress=False)
     write_cpu_plans(os.path.join(os.environ['nnUNet_preprocessed'], 'Dataset995_BenchPhantom'),
                     features=(16, 32, 64, 128), batch_size_2d=8, batch_size_3d=2)
 
@@ -112,11 +109,8 @@ def main():
     if args.dataset is None:
         root = tempfile.mkdtemp(prefix='nnunet_semiseg_bench_')
         os.environ.update({k: v for k, v in env.items() if k == 'nnUNet_def_n_proc'})
-        da = os.environ.pop('nnUNet_n_proc_DA', None)
         with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's planning chatter; the table goes to stdout
             make_phantom(root)
-        if da is not None:
-            os.environ['nnUNet_n_proc_DA'] = da
         env.update({k: os.environ[k] for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')})
         args.dataset, args.plans = '995', args.plans or 'nnUNetPlans_demo'
     args.plans = args.plans or 'nnUNetPlans'
@@ -139,8 +133,8 @@ def main():
     print(f'\ndataset {args.dataset}, {args.configuration}, plans {args.plans}, device {args.device}, '
           f'batch {base["batch"]} labelled (+ the same unlabelled), patch {base["patch"]}, '
           f'{args.iterations} timed iterations after {args.warmup} warm-up')
-    print(f'| trainer | phase | s/iteration (median) | x nnUNetTrainer | peak memory (MB) |')
-    print(f'|---|---|---|---|---|')
+    print('| trainer | phase | s/iteration (median) | x nnUNetTrainer | peak memory (MB) |')
+    print('|---|---|---|---|---|')
     for r in rows:
         print(f'| {r["trainer"]} | {r["phase"]} | {r["median_s"]:.3f} | {r["median_s"] / base["median_s"]:.2f} | '
               f'{r["peak_mb"]:.0f} |')

@@ -136,6 +136,25 @@ def write_cpu_plans(preprocessed_dataset_folder: str, source: str = 'nnUNetPlans
     return path
 
 
+def plan_and_preprocess(dataset_id: int, configurations: Sequence[str], num_processes: int,
+                        progress: bool = True) -> None:
+    """``nnUNetv2_plan_and_preprocess -d ID -c ... --verify_dataset_integrity`` through nnU-Net's own API.
+    ``nnUNet_n_proc_DA=0`` (in-process augmentation) crashes nnU-Net's planner (``set_num_threads(0)``), so the
+    variable is lifted while planning and restored after."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                      preprocess)
+    extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True, verbose=False,
+                         show_progress_bar=progress)
+    da = os.environ.pop('nnUNet_n_proc_DA', None)
+    try:
+        plan_experiments([dataset_id])
+    finally:
+        if da is not None:
+            os.environ['nnUNet_n_proc_DA'] = da
+    preprocess([dataset_id], configurations=list(configurations), num_processes=[num_processes],
+               show_progress_bar=progress)
+
+
 # ---------------------------------------------------------------------------------------------- the pipeline
 def _set_default_env(out_dir: str) -> None:
     for var, sub in (('nnUNet_raw', 'nnUNet_raw'), ('nnUNet_preprocessed', 'nnUNet_preprocessed'),
@@ -216,8 +235,6 @@ def run_demo(out_dir: str, configuration: str = '2d', epochs: int = 12, iteratio
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     _set_default_env(out_dir)
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                      preprocess)
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
 
     def stage(msg):
@@ -239,10 +256,7 @@ def run_demo(out_dir: str, configuration: str = '2d', epochs: int = 12, iteratio
     write_split(str(nnUNet_preprocessed), dataset_name, cases['train'], cases['val'])
 
     stage('nnU-Net planning and preprocessing (nnUNetv2_plan_and_preprocess)')
-    n_proc = int(os.environ['nnUNet_def_n_proc'])
-    extract_fingerprints([dataset_id], num_processes=n_proc, check_dataset_integrity=True, verbose=False)
-    plan_experiments([dataset_id])
-    preprocess([dataset_id], configurations=[configuration], num_processes=[n_proc])
+    plan_and_preprocess(dataset_id, [configuration], int(os.environ['nnUNet_def_n_proc']))
     pre_folder = os.path.join(str(nnUNet_preprocessed), dataset_name)
     write_cpu_plans(pre_folder)
 

@@ -22,9 +22,7 @@ TINY_PLANS = 'nnUNetPlans_tiny'
 @pytest.fixture(scope='session')
 def phantom():
     """dict(raw=..., preprocessed=..., name=..., cases=..., plans=TINY_PLANS) of a planned phantom dataset."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                      preprocess)
-    from nnunet_semiseg.demo import make_phantom_dataset, write_cpu_plans, write_split
+    from nnunet_semiseg.demo import make_phantom_dataset, plan_and_preprocess, write_cpu_plans, write_split
 
     raw, pre = os.environ['nnUNet_raw'], os.environ['nnUNet_preprocessed']
     folder, cases = make_phantom_dataset(raw, PHANTOM_ID, 'TestPhantom', n_labeled=4, n_val=2, n_unlabeled=4,
@@ -34,15 +32,7 @@ def phantom():
         fold = json.load(fh)[0]
     with open(split_file, 'w') as fh:  # identical folds, so tests can train into separate output folders
         json.dump([fold] * 5, fh)
-    extract_fingerprints([PHANTOM_ID], num_processes=1, check_dataset_integrity=True, verbose=False,
-                         show_progress_bar=False)
-    da = os.environ.pop('nnUNet_n_proc_DA', None)  # nnU-Net's planner crashes on 0 (set_num_threads)
-    try:
-        plan_experiments([PHANTOM_ID])
-    finally:
-        if da is not None:
-            os.environ['nnUNet_n_proc_DA'] = da
-    preprocess([PHANTOM_ID], configurations=['2d', '3d_fullres'], num_processes=[1], show_progress_bar=False)
+    plan_and_preprocess(PHANTOM_ID, ['2d', '3d_fullres'], num_processes=1, progress=False)
     write_cpu_plans(os.path.join(pre, PHANTOM_NAME), name=TINY_PLANS, features=(4, 8, 16, 32), batch_size_2d=4,
                     batch_size_3d=2)
     return {'raw': folder, 'preprocessed': os.path.join(pre, PHANTOM_NAME), 'name': PHANTOM_NAME,

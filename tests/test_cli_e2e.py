@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 
 BIN = os.path.dirname(sys.executable)

@@ -77,7 +77,7 @@ def entropy_masks(probs: torch.Tensor, alpha_percent: float,
     return low, high
 
 
-def _resize_nearest(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def resize_nearest(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Nearest resize of ``[B, *spatial]`` (labels, masks) or ``[B, C, *spatial]`` (probabilities) to ``size``."""
     has_channels = x.ndim == len(size) + 2
     y = x if has_channels else x.unsqueeze(1)
@@ -255,7 +255,7 @@ class PixelContrastLoss(nn.Module):
         high_mask = torch.ones_like(labels, dtype=torch.bool) if high_mask is None else high_mask.to(device, torch.bool)
         probs = teacher_probs.detach().to(device)
         if tuple(labels.shape[1:]) != sp:
-            labels, low_mask, high_mask, probs = (_resize_nearest(x, sp) for x in (labels, low_mask, high_mask, probs))
+            labels, low_mask, high_mask, probs = (resize_nearest(x, sp) for x in (labels, low_mask, high_mask, probs))
         if int(labels.max()) >= self.num_classes:
             raise ValueError(f'labels must be < num_classes={self.num_classes}, got max {int(labels.max())}')
         zero = student_reps.sum() * 0.0

@@ -16,10 +16,9 @@ student forward over ``cat(labelled, strong unlabelled[, equivariance view])``.
 """
 import math
 from functools import partial
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nnunet_semiseg.augment import cutmix
@@ -28,26 +27,18 @@ from nnunet_semiseg.contrast.ascl import AdaptiveSupervisedContrastLoss, sample_
 from nnunet_semiseg.contrast.distillation import (GlobalDistillationLoss, LocalDistillationLoss,
                                                   LocalPredictionHead, LocalProjectionHead, num_windows)
 from nnunet_semiseg.contrast.mona import EquivarianceLoss, NearestNeighbourLoss, confidence_weighted_ce
-from nnunet_semiseg.contrast.pixel_contrast import PixelContrastLoss, entropy_alpha, entropy_masks
+from nnunet_semiseg.contrast.pixel_contrast import (PixelContrastLoss, entropy_alpha, entropy_masks,
+                                                    resize_nearest)
 from nnunet_semiseg.contrast.pseudo_label import pseudo_labels
 from nnunet_semiseg.heads import DEFAULT_OUTPUT_LEVEL, DEFAULT_REP_DIM, EmbeddingHead, FPNProjectionHead, Predictor
 from nnunet_semiseg.schedules import cosine_tau
 from nnunet_semiseg.training.base import SemiSegBatch, nnUNetTrainerSemiSupervised
 
 
-def _resize_nearest(x: torch.Tensor, size) -> torch.Tensor:
-    """Nearest resize of ``[B, *sp]`` or ``[B, C, *sp]`` maps (labels, masks, probabilities) to ``size``."""
-    if tuple(x.shape[-len(size):]) == tuple(size):
-        return x
-    channels = x.ndim == len(size) + 2
-    y = F.interpolate((x if channels else x[:, None]).float(), size=tuple(size), mode='nearest')
-    return (y if channels else y[:, 0]).to(x.dtype)
-
-
 def _paste_like_cutmix(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     """Mix ``x [B, C, *sp]`` as :func:`~nnunet_semiseg.augment.cutmix` mixed the images: inside ``box`` (resized to
     ``x``'s size) row ``i`` takes row ``(i + 1) % B``."""
-    box = _resize_nearest(box, x.shape[2:])[:, None]
+    box = resize_nearest(box, x.shape[2:])[:, None]
     return torch.where(box, x.roll(-1, dims=0), x)
 
 
@@ -327,10 +318,10 @@ class AnatomicalContrastMethod(nnUNetTrainerContrastiveBase):
         student_probs = batch.logits('all')[rows].detach().float().softmax(1)
         is_labeled = torch.arange(labels.shape[0], device=labels.device) < n
         valid = anco_valid_mask(conf, is_labeled, self.weak_threshold)
-        labels_r, valid_r = _resize_nearest(labels, size), _resize_nearest(valid, size)
+        labels_r, valid_r = resize_nearest(labels, size), resize_nearest(valid, size)
         step, length = self.finetune_progress
         terms = {'anatomical_contrast': (self.lambda_anco, mods['anatomical_contrast'](
-            student, labels_r, _resize_nearest(student_probs, size), valid_r, tau=self._tau(step, length, self.anco_tau)))}
+            student, labels_r, resize_nearest(student_probs, size), valid_r, tau=self._tau(step, length, self.anco_tau)))}
         if self.use_ascl:
             idx = sample_pixels_per_class(labels_r[:n], self.label_manager.num_segmentation_heads,
                                           self.ascl_pixels_per_class)

@@ -2,6 +2,7 @@
 and weak/strong views with identical geometry."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -181,3 +182,148 @@ def test_weak_and_strong_views_share_geometry(phantom):
             assert ncc[(0, 0)] > 0.5  # noise (variance up to 0.1) and blur lower it, they do not move it
             differs += int(not torch.equal(w, s))
     assert differs > 0  # photometric perturbations did happen
+
+
+# ------------------------------------------------------------------------------------- bad-input matrix (issue 11)
+
+def _write_image(path, array, spacing_xyz):
+    import SimpleITK as sitk
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(float(s) for s in spacing_xyz))
+    sitk.WriteImage(image, str(path), True)
+
+
+def _bad_image(phantom, kind):
+    """A phantom unlabelled volume made bad: NaN or +inf voxels, or only its first slice as a 2-D image."""
+    import SimpleITK as sitk
+    source = sitk.ReadImage(os.path.join(phantom['raw'], 'imagesTrUnlabeled',
+                                         phantom['cases']['unlabeled'][0] + '_0000.nii.gz'))
+    array = sitk.GetArrayFromImage(source).astype(np.float32)
+    if kind == 'nan':
+        array[0, :2, :3] = np.nan
+        return array, source.GetSpacing()
+    if kind == 'inf':
+        array[1, 4, 4] = np.inf
+        array[2, 4, 4] = -np.inf
+        return array, source.GetSpacing()
+    return array[0], source.GetSpacing()[:2]  # '2d'
+
+
+def _raw_copy(phantom, tmp_path, ending):
+    """A raw dataset with one labelled and two unlabelled phantom cases, images written with ``ending``."""
+    import SimpleITK as sitk
+    raw = tmp_path / 'raw'
+    for sub in ('imagesTr', 'labelsTr', 'imagesTrUnlabeled'):
+        (raw / sub).mkdir(parents=True)
+    case = phantom['cases']['train'][0]
+    copies = {os.path.join('imagesTr', f'{case}_0000'): os.path.join('imagesTr', f'{case}_0000.nii.gz'),
+              os.path.join('labelsTr', case): os.path.join('labelsTr', f'{case}.nii.gz')}
+    for c in phantom['cases']['unlabeled'][:2]:
+        copies[os.path.join('imagesTrUnlabeled', f'{c}_0000')] = os.path.join('imagesTrUnlabeled', f'{c}_0000.nii.gz')
+    for target, source in copies.items():
+        sitk.WriteImage(sitk.ReadImage(os.path.join(phantom['raw'], source)), str(raw / target) + ending, True)
+    return raw
+
+
+def _plans_with(phantom, configuration, ending, reader):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    pm, _, dj = _plans(phantom, configuration)
+    plans = json.loads(json.dumps(pm.plans))
+    plans['image_reader_writer'] = reader
+    pm = PlansManager(plans)
+    return pm, pm.get_configuration(configuration), dict(dj, file_ending=ending)
+
+
+# SimpleITK's NIfTI reader itself turns NaN/inf into 0, so non-finite values reach nnU-Net through NRRD/MHA files
+# (SimpleITKIO) and through NibabelIO; the 2-D case is independent of the format.
+@pytest.mark.parametrize('kind, ending, reader, message', [
+    ('nan', '.nrrd', 'SimpleITKIO', r'NaN or infinite values \(6 NaN, 0 infinite voxel\(s\)\); repair the file'),
+    ('inf', '.nrrd', 'SimpleITKIO', r'NaN or infinite values \(0 NaN, 2 infinite voxel\(s\)\); repair the file'),
+    ('nan', '.nii.gz', 'NibabelIO', r'NaN or infinite values \(6 NaN, 0 infinite voxel\(s\)\); repair the file'),
+    ('inf', '.nii.gz', 'NibabelIO', r'NaN or infinite values \(0 NaN, 2 infinite voxel\(s\)\); repair the file'),
+    ('2d', '.nii.gz', 'SimpleITKIO',
+     r'is a 2-D image \(shape \(1, 32, 32\)\), but the labelled images in imagesTr are 3-D\. Replace it'),
+])
+def test_non_finite_or_2d_unlabeled_image_is_refused_naming_file_and_fix(phantom, tmp_path, kind, ending, reader,
+                                                                           message):
+    pm, cm, dj = _plans_with(phantom, '3d_fullres', ending, reader)
+    raw = _raw_copy(phantom, tmp_path, ending)
+    _write_image(raw / 'imagesTrUnlabeled' / f'bad_0000{ending}', *_bad_image(phantom, kind))
+    with pytest.raises(UnlabeledDataError, match=message) as err:
+        ensure_unlabeled_preprocessed(str(raw), str(tmp_path / 'pre'), pm, cm, dj, log=lambda m: None,
+                                      progress=False)
+    assert f'bad_0000{ending}' in str(err.value) and 'imagesTrUnlabeled/' in str(err.value)
+    assert '\n' not in str(err.value)
+    assert not os.path.isfile(os.path.join(unlabeled_preprocessed_folder(str(tmp_path / 'pre'), cm.data_identifier),
+                                           MANIFEST))
+    os.remove(raw / 'imagesTrUnlabeled' / f'bad_0000{ending}')  # the good cases alone pass
+    assert ensure_unlabeled_preprocessed(str(raw), str(tmp_path / 'pre'), pm, cm, dj, log=lambda m: None,
+                                         progress=False)[1] == 2
+
+
+def test_2d_images_pass_in_a_2d_dataset(phantom, tmp_path):
+    """The dimensionality check compares with the labelled images, it does not demand 3-D."""
+    from nnunet_semiseg.unlabeled.preprocess import labeled_spatial_dims
+    pm, _, dj = _plans(phantom)
+    raw = tmp_path / 'raw2d'
+    (raw / 'imagesTr').mkdir(parents=True)
+    (raw / 'labelsTr').mkdir()
+    array, spacing = _bad_image(phantom, '2d')
+    _write_image(raw / 'imagesTr' / 'slice_0000.nii.gz', array, spacing)
+    _write_image(raw / 'labelsTr' / 'slice.nii.gz', np.zeros(array.shape, np.uint8), spacing)
+    assert labeled_spatial_dims(str(raw), pm, dj) == 2
+    assert labeled_spatial_dims(phantom['raw'], pm, dj) == 3
+
+
+def test_shared_nonfinite_check_and_spatial_dims():
+    from nnunet_semiseg.image_checks import nonfinite_problem, spatial_dims
+    assert nonfinite_problem(np.zeros((2, 3), np.float32), 'a.nii.gz') is None
+    assert nonfinite_problem(np.zeros((2, 3), np.int16), 'a.nii.gz') is None
+    bad = np.zeros((2, 3), np.float64)
+    bad[0, 0], bad[1, 1], bad[1, 2] = np.nan, np.inf, -np.inf
+    assert nonfinite_problem(bad, 'a.nii.gz').startswith('a.nii.gz: the image contains NaN or infinite values '
+                                                         '(1 NaN, 2 infinite voxel(s))')
+    assert spatial_dims((1, 1, 32, 32), (1.5 * 999, 1.5, 1.5)) == 2      # SimpleITKIO's 2-D convention
+    assert spatial_dims((3, 1, 224, 224), (999, 1, 1)) == 2               # NaturalImage2DIO's
+    assert spatial_dims((1, 1, 32, 32), (10.0, 0.5, 0.5)) == 3            # a one-slice 3-D slab stays 3-D
+    assert spatial_dims((1, 8, 32, 32), (999, 1, 1)) == 3
+
+
+def test_stray_files_are_ignored_with_a_warning_other_image_formats_refused(tmp_path):
+    raw, dj = _fake_raw(tmp_path)
+    folder = raw / 'imagesTrUnlabeled'
+    for name in ('u1_0000.nii.gz', 'notes.txt', '.DS_Store', '._u1_0000.nii.gz', 'Thumbs.db'):
+        (folder / name).write_bytes(b'')
+    (folder / 'sub').mkdir()
+    with pytest.warns(UserWarning, match=r'ignored 4 file\(s\) that are hidden or not images: \.DS_Store, '
+                                         r'\._u1_0000\.nii\.gz, Thumbs\.db, notes\.txt') as record:
+        cases = find_unlabeled_cases(str(raw), dj)
+    assert list(cases) == ['u1'] and len(record) == 1
+    for other in ('u2_0000.nii', 'u2_0000.mha', 'u2_0000.NRRD', 'u2.h5'):
+        (folder / other).write_bytes(b'')
+        with pytest.raises(UnlabeledDataError, match=f'{re.escape(other)}: unlabelled images must have the '
+                                                     f'dataset\'s file ending ".nii.gz"'):
+            find_unlabeled_cases(str(raw), dj)
+        (folder / other).unlink()
+
+
+def test_cli_and_trainer_start_refuse_a_2d_unlabeled_image(phantom, capsys):
+    """The same check runs in ``nnunet-semiseg preprocess-unlabeled`` and when a trainer starts, before any step."""
+    from nnunet_semiseg.cli import main
+    bad = os.path.join(phantom['raw'], 'imagesTrUnlabeled', 'zz_slice_0000.nii.gz')
+    _write_image(bad, *_bad_image(phantom, '2d'))
+    try:
+        code = main(['preprocess-unlabeled', '-d', str(phantom['id']), '-c', '2d', '-p', phantom['plans'],
+                     '-np', '1'])
+        printed = capsys.readouterr().out.strip().splitlines()
+        assert code == 1
+        assert printed[-1].startswith('error: unlabelled case "zz_slice" (') and bad in printed[-1]
+        assert 'is a 2-D image' in printed[-1] and 'Replace it with a 3-D image' in printed[-1]
+
+        trainer = make_trainer(phantom, 'nnUNetTrainerMeanTeacher', '2d', fold=3)
+        trainer.train_step = None  # never reached
+        with pytest.raises(UnlabeledDataError, match='zz_slice_0000.nii.gz'):
+            trainer.run_training()
+        assert trainer.semiseg_step == 0
+    finally:
+        os.remove(bad)

@@ -16,6 +16,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nnunet_semiseg.image_checks import nonfinite_problem
+
 FILE_ENDING = '.nii.gz'
 
 
@@ -281,9 +283,9 @@ def check_case(case: SourceCase, with_label: bool) -> Optional[str]:
                f'expected a scalar image'
     if image.GetDimension() != 3:
         return f'{case.source}: the image is {image.GetDimension()}-D, expected 3-D'
-    pixels = sitk.GetArrayViewFromImage(image)
-    if np.issubdtype(pixels.dtype, np.floating) and not np.isfinite(pixels).all():
-        return f'{case.source}: the image contains NaN or infinite values; repair or remove the case'
+    problem = nonfinite_problem(sitk.GetArrayViewFromImage(image), case.source)
+    if problem:
+        return problem
     if not with_label:
         return None
     if image.GetSize() != label.GetSize():

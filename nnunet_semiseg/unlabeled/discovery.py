@@ -4,9 +4,17 @@ Every problem is reported before any preprocessing or training compute is spent,
 """
 import os
 import re
+import warnings
 from typing import Dict, List
 
 UNLABELED_FOLDER = 'imagesTrUnlabeled'
+
+# Image formats (nnU-Net's readers' and other common medical/array ones). A file with one of these endings but not the
+# dataset's is refused (a forgotten conversion would silently shrink the unlabelled set); any other file (notes.txt,
+# Thumbs.db) and hidden files (.DS_Store, macOS "._" forks) are ignored with a warning, as nnU-Net lists only files
+# with the dataset's ending.
+IMAGE_ENDINGS = ('.nii.gz', '.nii', '.nrrd', '.nhdr', '.mha', '.mhd', '.gipl', '.hdr', '.img', '.dcm', '.h5',
+                 '.hdf5', '.png', '.bmp', '.tif', '.tiff', '.jpg', '.jpeg', '.npy', '.npz', '.b2nd')
 
 
 class UnlabeledDataError(ValueError):
@@ -33,9 +41,10 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[st
     """The unlabelled cases of a raw dataset as ``{case_id: [channel files, in channel order]}``.
 
     Returns an empty dict when ``imagesTrUnlabeled/`` does not exist (not an error: the trainer warns and trains
-    with its supervised terms only). Raises :class:`UnlabeledDataError` for files with another ending than
-    ``dataset.json``'s ``file_ending``, names not of the form ``CASE_XXXX<ending>``, a missing or extra channel,
-    and case ids that are also labelled cases.
+    with its supervised terms only). Raises :class:`UnlabeledDataError` for image files (:data:`IMAGE_ENDINGS`) with
+    another ending than ``dataset.json``'s ``file_ending``, names not of the form ``CASE_XXXX<ending>``, a missing or
+    extra channel, and case ids that are also labelled cases. Hidden files, non-image files and sub-folders are
+    skipped; the files among them are named in one ``UserWarning``.
     """
     folder = unlabeled_raw_folder(raw_dataset_folder)
     if not os.path.isdir(folder):
@@ -44,9 +53,13 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[st
     n_ch = num_channels(dataset_json)
     pattern = re.compile(r'^(?P<case>.+)_(?P<ch>\d{4})' + re.escape(ending) + '$')
     cases: Dict[str, Dict[int, str]] = {}
+    ignored: List[str] = []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if name.startswith('.') or os.path.isdir(path):
+        if os.path.isdir(path):
+            continue
+        if name.startswith('.') or (not name.endswith(ending) and not name.lower().endswith(IMAGE_ENDINGS)):
+            ignored.append(name)
             continue
         if not name.endswith(ending):
             raise UnlabeledDataError(
@@ -64,6 +77,10 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[st
                 f'({list(dataset_json["channel_names"].values())}). Unlabelled cases need exactly the channels '
                 f'of the labelled ones.')
         cases.setdefault(m.group('case'), {})[ch] = path
+    if ignored:
+        warnings.warn(f'{folder}: ignored {len(ignored)} file(s) that are hidden or not images: '
+                      f'{", ".join(ignored[:10])}{" ..." if len(ignored) > 10 else ""}. Unlabelled images need the '
+                      f'ending "{ending}".')
     for case, chans in cases.items():
         missing = [c for c in range(n_ch) if c not in chans]
         if missing:

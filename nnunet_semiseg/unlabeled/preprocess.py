@@ -6,6 +6,10 @@ resample) into the sibling folder ``nnUNet_preprocessed/DatasetXXX/<data_identif
 not a sub-folder, because nnU-Net lists every case in ``<data_identifier>/`` for its splits and ``rmtree``s it
 when preprocessing again.
 
+Every case is checked as it is read, with the plans' own reader: non-finite intensities and a dimensionality other
+than the labelled images' (a 2-D slice among 3-D volumes) are refused, naming the file and the fix
+(:mod:`nnunet_semiseg.image_checks`, the converters' check too).
+
 A manifest (``semiseg_manifest.json``) records a hash of everything in the plans that changes preprocessed
 voxels and the size/mtime of every source file: cases are redone when the plans change, added when new images
 appear and removed when images disappear, so a stale folder is never reused. A file lock makes concurrent
@@ -16,7 +20,9 @@ import json
 import multiprocessing
 import os
 from contextlib import contextmanager
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
+
+from nnunet_semiseg.image_checks import nonfinite_problem, spatial_dims
 
 from .discovery import UnlabeledDataError, find_unlabeled_cases
 
@@ -42,7 +48,7 @@ def preprocessing_fingerprint(plans_manager, configuration_manager, dataset_json
         'reader_writer': plans.get('image_reader_writer'),
         'channel_names': dataset_json.get('channel_names'),
         'file_ending': dataset_json.get('file_ending'),
-        'format': 1,
+        'format': 2,  # 2: cases are checked for non-finite values and dimensionality (older folders are redone)
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -67,19 +73,58 @@ def _folder_lock(path: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _first_line(error: Exception) -> str:
+    # readers (SimpleITK) raise multi-line messages; the CLI prints one line
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else 'no message'
+
+
+def labeled_spatial_dims(raw_dataset_folder: str, plans_manager, dataset_json: dict) -> Optional[int]:
+    """2 or 3, the spatial dimensionality of the first labelled case as the plans' reader sees it (``None`` if
+    there is no readable labelled case: nnU-Net's own checks report that)."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    labeled = get_filenames_of_train_images_and_targets(raw_dataset_folder, dataset_json)
+    if not labeled:
+        return None
+    first = labeled[sorted(labeled)[0]]['images']
+    try:
+        image, properties = plans_manager.image_reader_writer_class().read_images(first)
+    except Exception:
+        return None
+    return spatial_dims(image.shape, properties['spacing'])
+
+
 def _preprocess_case(case: str, files: List[str], out_truncated: str, plans_manager, configuration_manager,
-                     dataset_json: dict) -> Tuple[int, ...]:
-    """One unlabelled case: read, preprocess as nnU-Net does a labelled one, save as blosc2. Returns its shape."""
+                     dataset_json: dict, expected_dims: Optional[int] = None) -> Tuple[int, ...]:
+    """One unlabelled case: read with the plans' reader, check (finite intensities; ``expected_dims`` spatial
+    dimensions unless None), preprocess as nnU-Net does a labelled one, save as blosc2. Returns its shape."""
     import numpy as np
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, comp_blosc2_params
+    source = ', '.join(files)
     try:
-        preprocessor = configuration_manager.preprocessor_class(verbose=False)
-        data, seg, properties = preprocessor.run_case(files, None, plans_manager, configuration_manager,
-                                                      dataset_json)
+        image, properties = plans_manager.image_reader_writer_class().read_images(files)
     except Exception as e:  # unreadable file, channels that disagree in shape, ...
         raise UnlabeledDataError(
-            f'unlabelled case "{case}" ({", ".join(files)}) could not be read or preprocessed: '
-            f'{type(e).__name__}: {e}. Fix or remove the file(s) in imagesTrUnlabeled/.') from e
+            f'unlabelled case "{case}" ({source}) could not be read: {type(e).__name__}: {_first_line(e)}. Fix or '
+            f'remove the file(s) in imagesTrUnlabeled/.') from e
+    problem = nonfinite_problem(image, f'unlabelled case "{case}" ({source})')
+    if problem:
+        raise UnlabeledDataError(problem + ' in imagesTrUnlabeled/')
+    dims = spatial_dims(image.shape, properties['spacing'])
+    if expected_dims is not None and dims != expected_dims:
+        raise UnlabeledDataError(
+            f'unlabelled case "{case}" ({source}) is a {dims}-D image (shape {tuple(image.shape[1:])}), but the '
+            f'labelled images in imagesTr are {expected_dims}-D. Replace it with a {expected_dims}-D image or remove '
+            f'it from imagesTrUnlabeled/.')
+    try:
+        # nnU-Net's run_case is exactly read_images + run_case_npy; the image is read once, for the checks too
+        preprocessor = configuration_manager.preprocessor_class(verbose=False)
+        data, seg, properties = preprocessor.run_case_npy(image, None, properties, plans_manager,
+                                                          configuration_manager, dataset_json)
+    except Exception as e:
+        raise UnlabeledDataError(
+            f'unlabelled case "{case}" ({source}) could not be preprocessed: {type(e).__name__}: {_first_line(e)}. '
+            f'Fix or remove the file(s) in imagesTrUnlabeled/.') from e
     # with no label file the cropping step returns the nonzero mask (0 inside, -1 outside) as "seg"
     properties['class_locations'] = {}
     data = data.astype(np.float32, copy=False)
@@ -105,7 +150,9 @@ def ensure_unlabeled_preprocessed(raw_dataset_folder: str, preprocessed_dataset_
     """Bring ``<data_identifier>_unlabeled/`` up to date with ``imagesTrUnlabeled/`` and the plans.
 
     Returns ``(folder, number_of_unlabelled_cases)``; ``number == 0`` when the dataset has no unlabelled images.
-    Raises :class:`UnlabeledDataError` (naming the case) for bad input, before any case is preprocessed.
+    Raises :class:`UnlabeledDataError` (naming the case and the fix) for bad input: file names and channels before
+    any case is preprocessed, contents (unreadable, non-finite, another dimensionality than the labelled images) as
+    each case is read. The manifest is written only when every case passed, so a refused case is never reused.
     """
     cases = find_unlabeled_cases(raw_dataset_folder, dataset_json)  # validates everything first
     folder = unlabeled_preprocessed_folder(preprocessed_dataset_folder, configuration_manager.data_identifier)
@@ -131,8 +178,9 @@ def ensure_unlabeled_preprocessed(raw_dataset_folder: str, preprocessed_dataset_
         kept = {c: done[c] for c in cases if c not in todo}
         if todo:
             log(f'nnunet-semiseg: preprocessing {len(todo)} unlabelled case(s) of {len(cases)} into {folder}')
+            expected_dims = labeled_spatial_dims(raw_dataset_folder, plans_manager, dataset_json)
             _run_cases(todo, cases, folder, plans_manager, configuration_manager, dataset_json, num_processes,
-                       progress)
+                       progress, expected_dims)
         kept.update({c: stamps[c] for c in todo})
         tmp = manifest_file + '.tmp'
         with open(tmp, 'w') as fh:
@@ -142,9 +190,11 @@ def ensure_unlabeled_preprocessed(raw_dataset_folder: str, preprocessed_dataset_
     return folder, len(cases)
 
 
-def _run_cases(todo, cases, folder, plans_manager, configuration_manager, dataset_json, num_processes, progress):
+def _run_cases(todo, cases, folder, plans_manager, configuration_manager, dataset_json, num_processes, progress,
+               expected_dims=None):
     from tqdm import tqdm
-    args = [(c, cases[c], os.path.join(folder, c), plans_manager, configuration_manager, dataset_json) for c in todo]
+    args = [(c, cases[c], os.path.join(folder, c), plans_manager, configuration_manager, dataset_json, expected_dims)
+            for c in todo]
     bar = tqdm(total=len(todo), desc='Preprocessing unlabelled cases', disable=not progress)
     if num_processes <= 1 or len(todo) == 1:
         for a in args:

@@ -22,6 +22,9 @@ What the base guarantees:
 * extra trainable modules (projection heads) join nnU-Net's optimizer as a second parameter group and are
   clipped with the network; under DDP their gradients are all-reduced (they sit outside the DDP wrapper);
 * nnU-Net's AMP path (autocast and grad scaler on CUDA only);
+* a step whose loss or any term is not finite is skipped whole (no backward, optimizer, teacher or bank/queue update;
+  all DDP ranks together), logged with the failing term and the batch's cases; after
+  ``max_consecutive_nonfinite_steps`` (10) in a row training stops with :class:`NonFiniteLossError`;
 * every loss term is logged once per epoch and drawn into ``progress.png``;
 * validation and ``checkpoint_best`` see labelled cases only (nnU-Net's split never contains unlabelled cases);
 * teacher, extra modules (queues included) and the step counter are saved under ``semiseg_state`` and restored
@@ -49,12 +52,17 @@ from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
 from nnunet_semiseg.teacher import EMATeacher
-from nnunet_semiseg.training.logging import SemiSegLocalLogger
+from nnunet_semiseg.training.logging import NONFINITE_LOG_KEY, SemiSegLocalLogger
 from nnunet_semiseg.unlabeled.dataloader import UnlabeledDataLoader, strong_transforms, weak_transforms
 from nnunet_semiseg.unlabeled.preprocess import (MANIFEST, ensure_unlabeled_preprocessed,
                                                  unlabeled_preprocessed_folder)
 
 Output = Union[torch.Tensor, List[torch.Tensor]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped: too many consecutive steps had a non-finite loss. The message names the term, the step and
+    the last batch's cases."""
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -121,12 +129,15 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.loss_term_names: Tuple[str, ...] = ()
         self.ema_module_names: Tuple[str, ...] = ()  # semiseg_modules the teacher averages (teacher heads)
         self.unlabeled_num_processes = None  # preprocessing workers; None: nnU-Net's default_num_processes
+        self.max_consecutive_nonfinite_steps = 10  # skipped steps in a row before training stops
 
         self.teacher: Optional[EMATeacher] = None
         self.semiseg_modules = nn.ModuleDict()
         self.dataloader_unlabeled = None
         self.num_unlabeled_cases = 0
-        self.semiseg_step = 0
+        self.semiseg_step = 0               # iterations run, skipped ones included (schedules follow nnU-Net's epochs)
+        self.nonfinite_steps_skipped = 0    # over the whole run (checkpointed)
+        self._nonfinite_in_a_row = 0
         self._student_bundle: Optional[nn.ModuleDict] = None
         self._features: Dict[Tuple[str, object], torch.Tensor] = {}
         self._teacher_restored = False
@@ -280,6 +291,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             # after DDP's broadcast of rank 0's weights and after -pretrained_weights: teacher = student everywhere
             self.teacher.copy_from(self._student_bundle)
         self.logger.local_logger.add_terms(('supervised',) + tuple(self.loss_term_names), self.current_epoch)
+        self.logger.local_logger.add_series(NONFINITE_LOG_KEY, self.current_epoch)
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -291,11 +303,16 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
         data_weak = data_strong = None
+        case_ids = {'labelled': list(batch.get('keys', [])), 'unlabelled': []}
         if self.dataloader_unlabeled is not None:
             unlabeled = next(self.dataloader_unlabeled)
             data_weak = unlabeled['data_weak'].to(self.device, non_blocking=True)
             data_strong = unlabeled['data_strong'].to(self.device, non_blocking=True)
+            case_ids['unlabelled'] = list(unlabeled.get('keys', []))
 
+        # loss modules push into their banks/queues (and update centroids) inside forward; a skipped step puts them
+        # back. A copy of every buffer (banks: tens of MB) is cheaper than a forward and needs no module's help.
+        saved_buffers = self._buffer_snapshot()
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
             self._features.clear()
@@ -310,6 +327,24 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             for weight, value in terms.values():
                 total = total + weight * value
 
+        failed = self._nonfinite_terms(supervised, terms, total)
+        if failed:
+            self._restore_buffers(saved_buffers)
+            self._skip_nonfinite_step(failed, case_ids)
+        else:
+            self._nonfinite_in_a_row = 0
+            self._optimizer_step(total)
+            self.teacher.update(self._student_bundle)
+        self.semiseg_step += 1
+        out = {'loss': total.detach().cpu().numpy(), 'supervised': supervised.detach().cpu().numpy(),
+               'nonfinite_skipped': bool(failed)}
+        # every step reports every term (NaN when inactive): nnU-Net collates the outputs of an epoch by the keys of
+        # its first step, and a phase switch or a missing unlabelled stream must not change the keys mid-epoch
+        out.update({name: np.array(np.nan, dtype=np.float32) for name in self.loss_term_names})
+        out.update({k: torch.as_tensor(v).detach().float().cpu().numpy() for k, (_, v) in terms.items()})
+        return out
+
+    def _optimizer_step(self, total: torch.Tensor) -> None:
         params = self._trainable_parameters()
         if self.grad_scaler is not None:
             self.grad_scaler.scale(total).backward()
@@ -323,14 +358,50 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             self._allreduce_semiseg_grads()
             torch.nn.utils.clip_grad_norm_(params, 12)
             self.optimizer.step()
-        self.teacher.update(self._student_bundle)
-        self.semiseg_step += 1
-        out = {'loss': total.detach().cpu().numpy(), 'supervised': supervised.detach().cpu().numpy()}
-        # every step reports every term (NaN when inactive): nnU-Net collates the outputs of an epoch by the keys of
-        # its first step, and a phase switch or a missing unlabelled stream must not change the keys mid-epoch
-        out.update({name: np.array(np.nan, dtype=np.float32) for name in self.loss_term_names})
-        out.update({k: torch.as_tensor(v).detach().float().cpu().numpy() for k, (_, v) in terms.items()})
-        return out
+
+    # ------------------------------------------------------------------ non-finite steps
+    def _buffer_snapshot(self) -> Dict[str, torch.Tensor]:
+        """Copies of every buffer a forward may change: loss modules' banks, queues and centroids, and the student's
+        normalisation statistics (none for nnU-Net's InstanceNorm). The teacher's change only in its EMA update."""
+        named = [(f'modules.{k}', v) for k, v in self.semiseg_modules.named_buffers()]
+        named += [(f'network.{k}', v) for k, v in self.student_network().named_buffers()]
+        return {k: v.detach().clone() for k, v in named}
+
+    @torch.no_grad()
+    def _restore_buffers(self, saved: Dict[str, torch.Tensor]) -> None:
+        current = {f'modules.{k}': v for k, v in self.semiseg_modules.named_buffers()}
+        current.update({f'network.{k}': v for k, v in self.student_network().named_buffers()})
+        for k, v in saved.items():
+            current[k].copy_(v)
+
+    def _nonfinite_terms(self, supervised: torch.Tensor, terms: Dict[str, Tuple[float, torch.Tensor]],
+                         total: torch.Tensor) -> List[str]:
+        """Names of the non-finite parts of this step's loss (``'supervised'``, term names, else ``'total'`` when
+        only the weighted sum overflowed); the same on every DDP rank, so all ranks skip together."""
+        names = ['supervised'] + list(terms) + ['total']
+        values = [supervised] + [torch.as_tensor(v, device=self.device) for _, v in terms.values()] + [total]
+        bad = torch.stack([~torch.isfinite(v.detach()).all() for v in values]).float()
+        if self.is_ddp:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        flags = bad.cpu().tolist()
+        failed = [n for n, f in zip(names, flags) if f > 0]
+        return [n for n in failed if n != 'total'] or failed
+
+    def _skip_nonfinite_step(self, failed: List[str], case_ids: Dict[str, list]) -> None:
+        self._nonfinite_in_a_row += 1
+        self.nonfinite_steps_skipped += 1
+        cases = f'labelled cases {case_ids["labelled"]}, unlabelled cases {case_ids["unlabelled"]}'
+        self.print_to_log_file(
+            f'WARNING: non-finite {", ".join(failed)} loss at step {self.semiseg_step} (epoch {self.current_epoch}; '
+            f'{cases}): step skipped, no optimizer, teacher or bank update ({self._nonfinite_in_a_row} in a row, '
+            f'{self.nonfinite_steps_skipped} in this run)')
+        if self._nonfinite_in_a_row >= self.max_consecutive_nonfinite_steps:
+            raise NonFiniteLossError(
+                f'{self._nonfinite_in_a_row} consecutive training steps had a non-finite {", ".join(failed)} loss '
+                f'(last: step {self.semiseg_step}, epoch {self.current_epoch}; {cases}); training stopped. Check '
+                f'those cases (nnUNetv2_plan_and_preprocess --verify_dataset_integrity, nnunet-semiseg '
+                f'preprocess-unlabeled) or lower the learning rate, then continue from checkpoint_latest.pth with '
+                f'--c.')
 
     def _allreduce_semiseg_grads(self) -> None:
         # heads live outside the DDP wrapper, so DDP does not average their gradients
@@ -345,7 +416,14 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 p.grad.div_(world)
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
+        skipped = sum(bool(o.get('nonfinite_skipped', False)) for o in train_outputs)  # equal on every DDP rank
+        # skipped steps changed nothing, so the epoch's means leave them out (unless every step was skipped)
+        train_outputs = [o for o in train_outputs if not o.get('nonfinite_skipped', False)] or train_outputs
         super().on_train_epoch_end(train_outputs)
+        self.logger.log(NONFINITE_LOG_KEY, skipped, self.current_epoch)
+        if skipped:
+            self.print_to_log_file(f'non-finite steps skipped this epoch: {skipped} '
+                                   f'({self.nonfinite_steps_skipped} in this run)')
         summary = []
         for name in ('supervised',) + tuple(self.loss_term_names):
             values = np.array([float(np.mean(o[name])) for o in train_outputs if name in o])
@@ -367,12 +445,14 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     # ------------------------------------------------------------------ checkpoints
     def semiseg_state_dict(self) -> dict:
         return {'format': 1, 'teacher': self.teacher.state_dict(), 'modules': self.semiseg_modules.state_dict(),
-                'step': self.semiseg_step, 'trainer': self.__class__.__name__}
+                'step': self.semiseg_step, 'trainer': self.__class__.__name__,
+                'nonfinite_steps_skipped': self.nonfinite_steps_skipped}
 
     def load_semiseg_state_dict(self, state: dict) -> None:
         self.teacher.load_state_dict(state['teacher'])
         self.semiseg_modules.load_state_dict(state['modules'])
         self.semiseg_step = int(state['step'])
+        self.nonfinite_steps_skipped = int(state.get('nonfinite_steps_skipped', 0))
         self._teacher_restored = True
 
     def save_checkpoint(self, filename: str) -> None:
@@ -412,3 +492,4 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         else:
             self.load_semiseg_state_dict(state)
         self.logger.local_logger.add_terms(('supervised',) + tuple(self.loss_term_names), self.current_epoch)
+        self.logger.local_logger.add_series(NONFINITE_LOG_KEY, self.current_epoch)

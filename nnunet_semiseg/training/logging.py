@@ -5,6 +5,8 @@ import math
 from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
+NONFINITE_LOG_KEY = 'nonfinite_steps_skipped'  # per epoch; not a loss term, so not drawn
+
 
 class SemiSegLocalLogger(LocalLogger):
     """LocalLogger whose ``progress.png`` adds a panel with every ``train_<term>`` key registered through
@@ -18,10 +20,14 @@ class SemiSegLocalLogger(LocalLogger):
     def add_terms(self, names, num_epochs_done: int) -> None:
         for name in names:
             key = f'train_{name}'
-            values = self.my_fantastic_logging.setdefault(key, [])
-            values.extend([math.nan] * max(0, num_epochs_done - len(values)))
+            self.add_series(key, num_epochs_done)
             if key not in self.term_keys:
                 self.term_keys.append(key)
+
+    def add_series(self, key: str, num_epochs_done: int) -> None:
+        """Make ``key`` loggable once per epoch (NaN for the epochs before it existed); not plotted by itself."""
+        values = self.my_fantastic_logging.setdefault(key, [])
+        values.extend([math.nan] * max(0, num_epochs_done - len(values)))
 
     def load_checkpoint(self, checkpoint: dict):
         super().load_checkpoint(checkpoint)

@@ -111,8 +111,8 @@ def test_skipped_step_leaves_banks_queues_teacher_and_weights_unchanged(phantom,
     for step in (1, 3):
         out, changed = diffs[step]
         assert out['nonfinite_skipped'] and changed == [], (step, changed)
-    pushed = {'nnUNetTrainerACTIONpp': [('modules.global_kl.bank.',),
-                                        ('modules.supervised_contrast.queue.', 'modules.supervised_contrast.centroids')],
+    pushed = {'nnUNetTrainerACTIONpp': [('modules.global_kl.bank.',), ('modules.supervised_contrast.queue.',
+                                                                      'modules.supervised_contrast.centroids')],
               'nnUNetTrainerMONA': [('modules.local_kl.bank.',),
                                     ('modules.pixel_contrast.banks.', 'modules.nearest_neighbour.bank.')]}[name]
     for step, prefixes in zip((0, 2), pushed):                    # the test is sensitive: finite steps do push

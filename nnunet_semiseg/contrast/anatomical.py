@@ -176,7 +176,7 @@ class AnatomicalContrastLoss(nn.Module):
         counts = torch.bincount(safe_labels[valid], minlength=num_classes)              # valid pixels per class, [C]
         present = counts > 0
         if int(present.sum()) <= 1:
-            return feats.sum().float() * 0
+            return feats.sum(dtype=torch.float32) * 0  # float32 sum: a half one overflows to inf, inf * 0 = NaN
 
         with torch.no_grad(), torch.autocast(device_type=feats.device.type, enabled=False):
             # class means in float32 over the valid pixels only (invalid ones are never read), one image at a time

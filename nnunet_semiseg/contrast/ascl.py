@@ -28,7 +28,8 @@ def hungarian_assignment(centroids: torch.Tensor, centres: torch.Tensor) -> torc
     if centroids.shape != centres.shape or centroids.ndim != 2:
         raise ValueError(f'centroids and centres must both be [K, D], got {tuple(centroids.shape)} and '
                          f'{tuple(centres.shape)}')
-    cost = -(centroids.float() @ centres.float().T).cpu().double().numpy()
+    # float64 on the CPU: autocast leaves float64 alone, and bfloat16 cosines tie classes that are 1e-3 apart
+    cost = -(centroids.detach().double().cpu() @ centres.detach().double().cpu().T).numpy()
     rows, cols = linear_sum_assignment(cost)
     assignment = torch.empty(centroids.shape[0], dtype=torch.long)
     assignment[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
@@ -181,7 +182,7 @@ class AdaptiveSupervisedContrastLoss(nn.Module):
         if not tau > 0:
             raise ValueError(f'tau must be > 0, got {tau}')
         if student.shape[0] == 0:
-            return student.sum().float() * 0
+            return student.sum(dtype=torch.float32) * 0
         labels = labels.long()
         if bool(((labels < 0) | (labels >= self.num_classes)).any()):
             raise ValueError(f'labels must lie in [0, {self.num_classes}), got values in '

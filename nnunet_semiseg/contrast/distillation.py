@@ -92,7 +92,7 @@ class GlobalDistillationLoss(nn.Module):
         tau_s = self.tau_s if tau_s is None else _check_tau('tau_s', tau_s)
         tau_t = self.tau_t if tau_t is None else _check_tau('tau_t', tau_t)
         if len(self.bank) == 0:
-            loss = student_emb.sum().float() * 0
+            loss = student_emb.sum(dtype=torch.float32) * 0  # float32 sum: a half one overflows to inf, inf * 0 = NaN
         else:
             with torch.autocast(device_type=student_emb.device.type, enabled=False):   # float32 logits
                 anchors = self.bank.get().float()                                   # [K', D], unit rows
@@ -318,7 +318,7 @@ class LocalDistillationLoss(nn.Module):
         tau_t = self.tau_t if tau_t is None else _check_tau('tau_t', tau_t)
         self._flatten(student, 'student')                                           # shape check, cheap
         if len(self.bank) == 0:
-            loss = student.sum().float() * 0
+            loss = student.sum(dtype=torch.float32) * 0  # float32 sum: a half one overflows to inf, inf * 0 = NaN
         else:
             with torch.autocast(device_type=student.device.type, enabled=False):       # float32 logits
                 e_s = self._flatten(student, 'student')                                 # [B, P, E]

@@ -24,8 +24,9 @@ __all__ = ['NearestNeighbourLoss', 'EquivarianceLoss', 'confidence_weighted_ce',
 
 
 def _pool(x: torch.Tensor) -> torch.Tensor:
-    """Global average pool ``[B, D, *spatial] -> [B, D]``; ``[B, D]`` is returned unchanged."""
-    return x.flatten(2).mean(-1) if x.ndim > 2 else x
+    """Global average pool ``[B, D, *spatial] -> [B, D]`` float32 (accumulated in float32, no float32 copy of
+    the map); ``[B, D]`` is only cast."""
+    return x.flatten(2).mean(-1, dtype=torch.float32) if x.ndim > 2 else x.float()
 
 
 class NearestNeighbourLoss(nn.Module):
@@ -71,7 +72,8 @@ class NearestNeighbourLoss(nn.Module):
             s = F.normalize(_pool(student_reps).float(), dim=1)                  # [B, D]
             t = F.normalize(_pool(teacher_reps.detach()).float(), dim=1)         # [B, D]
             if len(self.bank) == 0 and not self.include_target:
-                loss = student_reps.sum().float() * 0.0
+                # float32 sum: a half one overflows to inf, inf * 0 = NaN
+                loss = student_reps.sum(dtype=torch.float32) * 0.0
             else:
                 keys = self.bank.get().to(s.device, s.dtype)                     # [M, D]
                 if self.include_target:  # candidate j = 0 is the image's own teacher embedding
@@ -173,8 +175,10 @@ class EquivarianceLoss(nn.Module):
         y = x.unsqueeze(1) if channel_less else x
         if mode is None:
             mode = 'bilinear' if x.is_floating_point() else 'nearest'
-        grid = F.affine_grid(theta.to(y.device, torch.float32), list(y.shape), align_corners=False)
-        out = F.grid_sample(y.float(), grid, mode=mode, padding_mode='zeros', align_corners=False)
+        # autocast would build the grid in half precision: sampling positions off by up to half a pixel
+        with torch.autocast(device_type=y.device.type, enabled=False):
+            grid = F.affine_grid(theta.to(y.device, torch.float32), list(y.shape), align_corners=False)
+            out = F.grid_sample(y.float(), grid, mode=mode, padding_mode='zeros', align_corners=False)
         out = out.squeeze(1) if channel_less else out
         if x.dtype == torch.bool:
             return out > 0.5
@@ -193,7 +197,8 @@ class EquivarianceLoss(nn.Module):
             m = mask.float()
             denom = m.sum()
             if float(denom) == 0.0:
-                return pred_logits.sum().float() * 0.0
+                # float32 sum: a half one overflows to inf, inf * 0 = NaN
+                return pred_logits.sum(dtype=torch.float32) * 0.0
             log_p_target = F.log_softmax(target_logits.detach().float(), dim=1)
             log_p_pred = F.log_softmax(pred_logits.float(), dim=1)
             kl = (log_p_target.exp() * (log_p_target - log_p_pred)).sum(1)        # [B, *sp]

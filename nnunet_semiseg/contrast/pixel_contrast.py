@@ -258,7 +258,7 @@ class PixelContrastLoss(nn.Module):
             labels, low_mask, high_mask, probs = (resize_nearest(x, sp) for x in (labels, low_mask, high_mask, probs))
         if int(labels.max()) >= self.num_classes:
             raise ValueError(f'labels must be < num_classes={self.num_classes}, got max {int(labels.max())}')
-        zero = student_reps.sum() * 0.0
+        zero = student_reps.sum(dtype=torch.float32) * 0.0  # float32 sum: a half one overflows to inf, inf * 0 = NaN
         valid = labels >= 0
         present = torch.bincount(labels[valid & low_mask], minlength=self.num_classes) > 0
         if int(present.sum()) < 2:

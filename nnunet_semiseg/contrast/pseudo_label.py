@@ -53,7 +53,7 @@ def unsup_pseudo_label_loss(logits: torch.Tensor, pseudo_labels: torch.Tensor, c
     ce = F.cross_entropy(logits.float(), labels, reduction='none', ignore_index=ignore_index)             # [B, *]
     positive = ce > 0
     if not bool(positive.any()):
-        return logits.sum().float() * 0
+        return logits.sum(dtype=torch.float32) * 0  # float32 sum: a half one overflows to inf, inf * 0 = NaN
     weighted = ce * weight.view(batch, *([1] * (ce.ndim - 1)))
     return weighted[positive].mean()
 

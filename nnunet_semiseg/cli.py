@@ -15,6 +15,7 @@ COMMANDS = {
     'evaluate': 'nnunet_semiseg.evaluation',
     'trainers-dir': 'nnunet_semiseg.discovery',
     'env': 'nnunet_semiseg.discovery',
+    'benchmark': 'nnunet_semiseg.benchmark',
 }
 
 

@@ -1,0 +1,195 @@
+"""``nnunet-semiseg benchmark``: the aggregation on hand-built records, the CPU preset's plans, refusals before any
+compute, and one tiny end-to-end benchmark on the phantom (plain nnU-Net + Mean Teacher, 1 x 2 iterations) that is
+then resumed: a second call trains nothing, a run interrupted after its last checkpoint continues from it."""
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from nnunet_semiseg.benchmark import runner
+from nnunet_semiseg.benchmark.report import aggregate, markdown
+
+SETTINGS = {'dataset': 'Dataset999_X', 'configuration': '2d', 'plans': 'nnUNetPlans_cpu', 'preset': 'cpu', 'fold': 0,
+            'epochs': 4, 'iterations_per_epoch': 250, 'device': 'cpu', 'baseline': 'nnUNetTrainer',
+            'evaluation': {'set': 'validation', 'short': 'fold 0 validation', 'description': '10 validation cases'}}
+
+
+def record(trainer, seed, dice, hd95, wall, memory, per_class_dice, semi=True, unlabeled=5, phases=None):
+    return {'trainer': trainer, 'seed': seed, 'train_wall_s': wall, 'peak_memory_mb': memory,
+            's_per_iteration': phases or {'train': wall / 1000}, 'semi_supervised': semi, 'unlabeled_cases': unlabeled,
+            'metrics': {'mean': {'dice': dice, 'jaccard': dice / (2 - dice), 'hd95': hd95, 'asd': hd95 / 3},
+                        'per_class': {c: {'dice': d, 'jaccard': d / (2 - d), 'hd95': hd95, 'asd': hd95 / 3}
+                                      for c, d in per_class_dice.items()}}}
+
+
+RECORDS = [
+    record('nnUNetTrainer', 0, 0.80, 5.0, 100.0, 1000.0, {'LV': 0.9, 'RV': 0.7}, semi=False, unlabeled=None),
+    record('nnUNetTrainer', 1, 0.70, 7.0, 120.0, 1000.0, {'LV': 0.8, 'RV': 0.6}, semi=False, unlabeled=None),
+    record('nnUNetTrainerMONA', 0, 0.85, 4.0, 300.0, 1500.0, {'LV': 0.95, 'RV': 0.75},
+           phases={'pretrain': 0.2, 'finetune': 0.5}),
+    record('nnUNetTrainerMONA', 1, 0.71, 8.0, 360.0, 1600.0, {'LV': 0.82, 'RV': 0.6},
+           phases={'pretrain': 0.2, 'finetune': 0.7}),
+    record('nnUNetTrainerMeanTeacher', 1, 0.75, 6.0, 200.0, 1100.0, {'LV': 0.85, 'RV': 0.65}, unlabeled=0),
+]
+
+
+def test_aggregate_spread_over_seeds():
+    mona = aggregate(RECORDS)['trainers']['nnUNetTrainerMONA']
+    assert mona['seeds'] == [0, 1]
+    assert mona['mean']['dice']['mean'] == pytest.approx(0.78)
+    assert mona['mean']['dice']['sd'] == pytest.approx(math.sqrt(2 * 0.07 ** 2))  # sample SD of 0.85, 0.71
+    assert mona['per_class']['RV']['dice']['mean'] == pytest.approx(0.675)
+    assert mona['cost']['s_per_iteration']['finetune']['mean'] == pytest.approx(0.6)
+
+
+def test_aggregate_paired_differences_per_seed():
+    summary = aggregate(RECORDS)
+    mona = summary['trainers']['nnUNetTrainerMONA']['paired']
+    assert mona['seeds'] == [0, 1]
+    assert mona['mean']['dice']['per_seed'] == {0: pytest.approx(0.05), 1: pytest.approx(0.01)}
+    assert mona['mean']['dice']['mean'] == pytest.approx(0.03)
+    assert mona['mean']['dice']['sd'] == pytest.approx(math.sqrt(2 * 0.02 ** 2))
+    assert mona['mean']['hd95']['per_seed'] == {0: pytest.approx(-1.0), 1: pytest.approx(1.0)}
+    assert mona['per_class']['LV']['dice']['per_seed'] == {0: pytest.approx(0.05), 1: pytest.approx(0.02)}
+    # only the seed both have is paired; one difference has no spread
+    mt = summary['trainers']['nnUNetTrainerMeanTeacher']['paired']
+    assert mt['seeds'] == [1] and mt['mean']['dice']['mean'] == pytest.approx(0.05)
+    assert math.isnan(mt['mean']['dice']['sd'])
+    assert summary['trainers']['nnUNetTrainer']['paired'] is None
+
+
+def test_aggregate_cost_multiples_of_plain_on_the_same_seeds():
+    trainers = aggregate(RECORDS)['trainers']
+    assert trainers['nnUNetTrainerMONA']['cost']['time_x'] == pytest.approx(330 / 110)
+    assert trainers['nnUNetTrainerMONA']['cost']['memory_x'] == pytest.approx(1.55)
+    assert trainers['nnUNetTrainerMeanTeacher']['cost']['time_x'] == pytest.approx(200 / 120)  # seed 1 only
+    assert trainers['nnUNetTrainer']['cost']['time_x'] == 1.0
+
+
+def test_markdown_rows_and_marks():
+    md = markdown(SETTINGS, RECORDS)
+    accuracy = md.split('## Accuracy')[1].split('##')[0]
+    rows = [line for line in accuracy.splitlines() if line.startswith('| nnUNet')]
+    assert [r.split(' | ')[0] for r in rows] == ['| nnUNetTrainer', '| nnUNetTrainerMONA',
+                                                 '| nnUNetTrainerMeanTeacher †']
+    assert '0.780 ± 0.099' in rows[1] and '+0.030 ± 0.028' in rows[1]
+    assert '10 validation cases' in md and 'without unlabelled images' in md
+    paired = md.split('seed by seed')[1].split('##')[0]
+    assert '| nnUNetTrainerMONA | 0 | +0.050 |' in paired and '| nnUNetTrainerMONA | 1 | +0.010 |' in paired
+    assert '| 3.00 |' in md.split('## Cost')[1]  # MONA's time as a multiple of plain
+
+
+def test_cpu_preset_plans():
+    plans = {'plans_name': 'nnUNetPlans', 'configurations': {
+        '2d': {'data_identifier': 'nnUNetPlans_2d', 'batch_size': 13, 'patch_size': [256, 224],
+               'architecture': {'arch_kwargs': {'n_stages': 7, 'features_per_stage': [32, 64, 128, 256, 512, 512,
+                                                                                      512]}}},
+        '3d_fullres': {'data_identifier': 'nnUNetPlans_3d_fullres', 'batch_size': 2, 'patch_size': [10, 256, 224],
+                       'architecture': {'arch_kwargs': {'n_stages': 4, 'features_per_stage': [8, 64, 128, 320]}}},
+        '3d_cascade_fullres': {'inherits_from': '3d_fullres', 'previous_stage': '3d_lowres'}}}
+    cpu = runner.derive_cpu_plans(plans, 'nnUNetPlans_cpu')
+    assert cpu['plans_name'] == 'nnUNetPlans_cpu' and plans['plans_name'] == 'nnUNetPlans'
+    two, three = cpu['configurations']['2d'], cpu['configurations']['3d_fullres']
+    assert two['architecture']['arch_kwargs']['features_per_stage'] == [16, 32, 64, 128, 256, 256, 256]
+    assert three['architecture']['arch_kwargs']['features_per_stage'] == [8, 32, 64, 128]  # a cap, never a raise
+    assert (two['batch_size'], three['batch_size']) == (4, 2)
+    assert two['patch_size'] == [256, 224] and two['data_identifier'] == 'nnUNetPlans_2d'
+    assert cpu['configurations']['3d_cascade_fullres'] == plans['configurations']['3d_cascade_fullres']
+
+
+def test_out_with_other_settings_or_foreign_files_is_refused(tmp_path):
+    settings = {k: 1 for k in runner.COMPARED}
+    (tmp_path / 'bench').mkdir()
+    (tmp_path / 'bench' / 'benchmark.json').write_text(json.dumps({'settings': dict(settings, epochs=2), 'runs': []}))
+    with pytest.raises(runner.BenchmarkInputError, match=r'other settings \(epochs 2 there, 1 here\).*another -o'):
+        runner.check_out(str(tmp_path / 'bench'), settings)
+    assert runner.check_out(str(tmp_path / 'bench'), dict(settings, epochs=2)) is not None
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'thesis.tex').write_text('precious')
+    with pytest.raises(runner.BenchmarkInputError, match='holds no benchmark.json'):
+        runner.check_out(str(tmp_path / 'mine'), settings)
+    assert runner.check_out(str(tmp_path / 'new'), settings) is None
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError('a run was started')
+
+
+def test_bad_input_is_refused_before_any_compute(phantom, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, '_run_child', _no_training)
+    out = tmp_path / 'out'
+    with pytest.raises(runner.BenchmarkInputError, match="unknown trainer 'nnUNetTrainerMONAA'.*spelling"):
+        runner.run_benchmark(phantom['id'], '2d', ['nnUNetTrainerMONAA'], str(out))
+    with pytest.raises(runner.BenchmarkInputError, match="configuration '3d_lowres'.*has 2d, 3d_fullres"):
+        runner.run_benchmark(phantom['id'], '3d_lowres', ['nnUNetTrainerMeanTeacher'], str(out))
+    with pytest.raises(runner.BenchmarkInputError, match="plans 'nnUNetPlans_nope'.*nnUNetv2_plan_and_preprocess"):
+        runner.run_benchmark(phantom['id'], '2d', ['nnUNetTrainerMeanTeacher'], str(out), plans='nnUNetPlans_nope')
+    with pytest.raises(runner.BenchmarkInputError, match="dataset '977'.*nnUNetv2_plan_and_preprocess -d 977"):
+        runner.run_benchmark(977, '2d', ['nnUNetTrainerMeanTeacher'], str(out))
+    assert not out.exists()
+
+
+def test_validation_cases_are_linked_in_nnunet_naming(phantom, tmp_path):
+    spec = {'raw_folder': phantom['raw'], 'preprocessed_folder': phantom['preprocessed'], 'fold': 0,
+            'out': str(tmp_path), 'evaluation': {'set': 'validation'}}
+    images, labels, n = runner.evaluation_folders(spec)
+    assert n == len(phantom['cases']['val'])
+    assert sorted(os.listdir(labels)) == [f'{c}.nii.gz' for c in phantom['cases']['val']]
+    assert sorted(os.listdir(images)) == [f'{c}_0000.nii.gz' for c in phantom['cases']['val']]
+
+
+def test_benchmark_end_to_end_and_resume(phantom, tmp_path, monkeypatch):
+    out = tmp_path / 'bench'
+    lines = []
+    kwargs = dict(seeds=[0], epochs=1, iterations=2, val_iterations=1, preset='cpu', device='cpu', echo=lines.append)
+    data = runner.run_benchmark(phantom['id'], '2d', ['nnUNetTrainerMeanTeacher'], str(out), **kwargs)
+    assert data['failed'] == []
+
+    settings = data['settings']
+    assert (settings['plans'], settings['epochs'], settings['iterations_per_epoch']) == ('nnUNetPlans_cpu', 1, 2)
+    assert settings['evaluation']['set'] == 'test'  # the phantom has imagesTs/labelsTs
+    cpu_plans = json.load(open(os.path.join(phantom['preprocessed'], 'nnUNetPlans_cpu.json')))
+    assert cpu_plans['configurations']['2d']['batch_size'] == 4
+    assert [(r['trainer'], r['seed']) for r in data['runs']] == [('nnUNetTrainer', 0), ('nnUNetTrainerMeanTeacher', 0)]
+    for r in data['runs']:
+        assert r['iterations'] == 2 and sum(r['steps_per_phase'].values()) == 2
+        assert r['train_wall_s'] > 0 and r['peak_memory_mb'] > 100 and r['s_per_iteration']['train'] > 0
+        assert set(r['metrics']['per_class']) == {'LV', 'MYO', 'RV'}
+        assert 0 <= r['metrics']['mean']['dice'] <= 1
+        run_dir = out / f'{r["trainer"]}__seed0'
+        assert sorted(os.listdir(run_dir / 'predictions')) == sorted(f'{c}.nii.gz' for c in phantom['cases']['test'])
+        model = run_dir / phantom['name'] / f'{r["trainer"]}__nnUNetPlans_cpu__2d' / 'fold_0'
+        assert (model / 'checkpoint_final.pth').is_file()  # the model folder lives under OUT
+    assert data['runs'][1]['semi_supervised'] and data['runs'][1]['unlabeled_cases'] == len(phantom['cases']['unlabeled'])
+    on_disk = json.load(open(out / 'benchmark.json'))
+    assert set(on_disk) >= {'settings', 'runs'} and len(on_disk['runs']) == 2
+    md = (out / 'benchmark.md').read_text()
+    assert '| nnUNetTrainer | 1 |' in md and '| nnUNetTrainerMeanTeacher | 1 |' in md
+    assert (out / 'benchmark.png').stat().st_size > 10_000
+    assert any('ETA' in line for line in lines)
+
+    # a second call trains nothing
+    monkeypatch.setattr(runner, '_run_child', _no_training)
+    again = runner.run_benchmark(phantom['id'], '2d', ['nnUNetTrainerMeanTeacher'], str(out), **kwargs)
+    assert again['runs'] == data['runs']
+    # other settings on the same OUT: refused, nothing touched
+    before = (out / 'benchmark.json').read_text()
+    with pytest.raises(runner.BenchmarkInputError, match='other settings'):
+        runner.run_benchmark(phantom['id'], '2d', ['nnUNetTrainerMeanTeacher'], str(out), **dict(kwargs, epochs=2))
+    assert (out / 'benchmark.json').read_text() == before
+    monkeypatch.undo()
+
+    # interrupted after its last checkpoint: the run continues from checkpoint_latest (nnUNetv2_train --c)
+    run_dir = out / 'nnUNetTrainerMeanTeacher__seed0'
+    fold = run_dir / phantom['name'] / 'nnUNetTrainerMeanTeacher__nnUNetPlans_cpu__2d' / 'fold_0'
+    shutil.move(fold / 'checkpoint_final.pth', fold / 'checkpoint_latest.pth')
+    (run_dir / 'run.json').unlink()
+    lines.clear()
+    resumed = runner.run_benchmark(phantom['id'], '2d', ['nnUNetTrainerMeanTeacher'], str(out), **kwargs)
+    assert any('nnUNetTrainer seed 0: finished earlier, skipped' in line for line in lines)
+    assert any('continuing from checkpoint_latest.pth at epoch 1/1' in line for line in lines)
+    record = resumed['runs'][1]
+    assert record['sessions'] == 2 and record['steps_per_phase'] == data['runs'][1]['steps_per_phase']
+    assert record['metrics']['mean']['dice'] == data['runs'][1]['metrics']['mean']['dice']  # same weights

@@ -12,7 +12,9 @@ does, so one class serves 2D and 3D. Teacher heads are EMA copies of the student
 followed by the EMA update the trainer applies to the network); the heads themselves hold no teacher logic.
 Outputs are *not* L2-normalised: the losses normalise.
 """
-from typing import Optional, Sequence, Type
+import itertools
+import math
+from typing import List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ DEFAULT_OUTPUT_LEVEL = {2: -2, 3: -3}
 
 # F.interpolate's linear mode for a tensor of ``ndim`` dimensions ([B, C, *spatial]).
 _LINEAR_MODE = {3: 'linear', 4: 'bilinear', 5: 'trilinear'}
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
 def _pointwise(conv_op: Type[nn.Module], in_channels: int, out_channels: int) -> nn.Module:
@@ -64,10 +67,13 @@ class FPNProjectionHead(nn.Module):
         nonlin: activation class used when ``nonlinear`` (default ``nn.LeakyReLU``, as nnU-Net).
 
     Shapes:
-        forward(features): list of ``L`` tensors ``[B, in_channels[l], *spatial_l]`` (float), coarse to fine
-        -> ``[B, out_dim, *spatial_{output_level}]`` (same dtype as the fused features).
+        forward(features, predictor=None): list of ``L`` tensors ``[B, in_channels[l], *spatial_l]`` (float),
+        coarse to fine -> ``[B, out_dim, *spatial_{output_level}]`` (same dtype as the fused features).
 
-    Memory: the fused width at the output level is ``sum(in_channels)``; tap fewer levels to save memory.
+    Cost: a linear head (the default) is one linear map, so :meth:`forward` evaluates it level by level (each
+    level projected straight to ``out_dim`` channels at its own resolution, see :meth:`level_weights`), never
+    materialising the ``sum(in_channels)``-wide fused map; :meth:`forward_layered` is the layer-by-layer
+    evaluation above (used for nonlinear heads), equal to float rounding.
 
     Raises:
         ValueError: empty ``in_channels``, non-positive channel counts or ``out_dim``, ``output_level`` out of
@@ -95,17 +101,97 @@ class FPNProjectionHead(nn.Module):
         self.act = nonlin() if nonlinear else nn.Identity()
         self.out = _pointwise(conv_op, widths[-1], self.out_dim)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _check_features(self, features: Sequence[torch.Tensor]) -> None:
         if len(features) != len(self.in_channels):
             raise ValueError(f'FPNProjectionHead expects {len(self.in_channels)} feature maps, got {len(features)}')
         for l, (f, c) in enumerate(zip(features, self.in_channels)):
             if f.shape[1] != c:
                 raise ValueError(f'FPNProjectionHead level {l}: expected {c} channels, got {tuple(f.shape)}')
+
+    def _working_sizes(self, features: Sequence[torch.Tensor]):
         out_size = features[self.output_level].shape[2:]
+        return [f.shape[2:] if l <= self.output_level else out_size for l, f in enumerate(features)]
+
+    @property
+    def is_linear(self) -> bool:
+        return isinstance(self.act, nn.Identity)
+
+    def level_weights(self, predictor: Optional['Predictor'] = None) -> List[torch.Tensor]:
+        """The linear head as one matrix per level: ``G_l [D, C_l]`` (float32, differentiable in the parameters)
+        such that ``forward(f) = sum_l resize_l(G_l f_l)``, where ``resize_l`` is the chain of resizes level ``l``
+        goes through. 1x1 convolutions act on channels and resizes on space, so they commute; unrolling the
+        residual convolutions coarse to fine gives ``G_l`` as a product of the conv matrices. With ``predictor``
+        (a linear :class:`Predictor`) its matrix is folded in too."""
+        if not self.is_linear:
+            raise RuntimeError('level_weights needs a linear head (nonlinear=False)')
+        dtype = torch.promote_types(self.out.weight.dtype, torch.float32)   # float32, or float64 parameters
+        with torch.autocast(device_type=self.out.weight.device.type, enabled=False):
+            m = self.out.weight.flatten(1).to(dtype)                                   # [D, w_{L-1}]
+            if predictor is not None:
+                m = predictor.matrix().to(dtype) @ m
+            weights = []
+            for l in range(len(self.in_channels) - 1, -1, -1):
+                m = m + m @ self.fuse[l].weight.flatten(1).to(dtype)                 # M (I + F_l)
+                split = m.shape[1] - self.in_channels[l]
+                weights.append(m[:, split:])
+                m = m[:, :split]
+        return weights[::-1]
+
+    def forward(self, features: Sequence[torch.Tensor], predictor: Optional['Predictor'] = None) -> torch.Tensor:
+        """The representation map; with ``predictor``, ``predictor(head(features))`` in one pass.
+
+        A linear head (the default) is evaluated level by level with :meth:`level_weights`: each level is
+        projected to ``D`` channels at its own resolution and resized, instead of running the ``sum(C)``-wide
+        residual convolutions over every pixel of the output level. Same function and gradients as
+        :meth:`forward_layered` (the papers' layer-by-layer order) up to float rounding, at a fraction of the cost.
+        """
+        self._check_features(features)
+        if not self.is_linear or (predictor is not None and not predictor.is_linear):
+            out = self.forward_layered(features)
+            return out if predictor is None else predictor(out)
+        weights = self.level_weights(predictor)
+        return self._linear_map(features, weights, self._coarse_sum(features, weights))
+
+    def _linear_map(self, features: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                    coarse: Optional[torch.Tensor]) -> torch.Tensor:
+        """The dense map from the level weights and the :meth:`_coarse_sum` of the levels below the output."""
+        out_size = features[self.output_level].shape[2:]
+        # the levels from the output level on are pointwise there: one convolution over their concatenation
+        fine = [f if f.shape[2:] == out_size else F.interpolate(f, size=out_size, mode='area')
+                for f in features[self.output_level:]]
+        fine = fine[0] if len(fine) == 1 else torch.cat(fine, dim=1)
+        y = _pointwise_conv(fine, torch.cat(weights[self.output_level:], dim=1))
+        if coarse is not None:
+            y = y + (coarse if coarse.shape[2:] == out_size else
+                     F.interpolate(coarse, size=out_size, mode=_LINEAR_MODE[coarse.ndim], align_corners=False))
+        return y
+
+    def _coarse_sum(self, features: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]
+                    ) -> Optional[torch.Tensor]:
+        """``sum_{l < output_level} resize(G_l f_l)`` at the size of level ``output_level - 1`` (``None`` if the output
+        level is the coarsest): the part of the linear map that needs one more resize to the output size."""
+        coarse = None
+        for f, g in zip(features[:self.output_level], weights[:self.output_level]):
+            if coarse is not None and coarse.shape[2:] != f.shape[2:]:
+                coarse = F.interpolate(coarse, size=f.shape[2:], mode=_LINEAR_MODE[f.ndim], align_corners=False)
+            proj = _pointwise_conv(f, g)
+            coarse = proj if coarse is None else coarse + proj
+        return coarse
+
+    def represent(self, features: Sequence[torch.Tensor], predictor: Optional['Predictor'] = None
+                  ) -> 'RepresentationMap':
+        """The map ``forward(features, predictor)`` as a :class:`RepresentationMap`, evaluated only where it is
+        read (positions, spatial means), for losses that read a few thousand positions of it."""
+        self._check_features(features)
+        return RepresentationMap(self, features, predictor)
+
+    def forward_layered(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The head evaluated layer by layer as written in the class docstring (any head, linear or not)."""
+        self._check_features(features)
+        sizes = self._working_sizes(features)
         mode = _LINEAR_MODE[features[0].ndim]
         x = None
-        for l, f in enumerate(features):
-            size = features[l].shape[2:] if l <= self.output_level else out_size
+        for l, (f, size) in enumerate(zip(features, sizes)):
             if f.shape[2:] != size:  # finer than the output level: average-pool down
                 f = F.interpolate(f, size=size, mode='area')
             if x is not None:
@@ -114,6 +200,156 @@ class FPNProjectionHead(nn.Module):
                 f = torch.cat((x, f), dim=1)
             x = self.act(self.fuse[l](f)) + f
         return self.out(x)
+
+
+def _pointwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """1x1 (x1) convolution of ``x [B, C, *sp]`` with ``weight [D, C]`` (in ``x``'s dtype)."""
+    weight = weight.to(x.dtype).contiguous()   # a contiguous weight keeps the fast (mkldnn) convolution
+    return _CONV[x.ndim](x, weight.view(*weight.shape, *([1] * (x.ndim - 2))))
+
+
+def _linear_resize_matrix(in_len: int, out_len: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[out_len, in_len]``: the 1-D linear resize of ``F.interpolate(..., align_corners=False)`` as a matrix (its
+    (bi/tri)linear modes are this matrix applied along each axis)."""
+    eye = torch.eye(in_len, device=device, dtype=dtype).unsqueeze(0)                  # [1, in, in]
+    return F.interpolate(eye, size=out_len, mode='linear', align_corners=False)[0].T
+
+
+class RepresentationMap:
+    """The output ``[B, D, *sp]`` of a :class:`FPNProjectionHead` (optionally followed by a :class:`Predictor`)
+    over given features, evaluated on demand: at flat positions (:meth:`at`), as per-image spatial means
+    (:meth:`spatial_mean`) or whole (:meth:`dense`). Built by :meth:`FPNProjectionHead.represent`.
+
+    For a linear head the map is ``sum_l resize_l(G_l f_l)`` (:meth:`FPNProjectionHead.level_weights`). Levels
+    at or finer than the output level are pointwise at the output resolution (finer ones area-pooled first), so
+    a position reads only their vectors there; the coarser levels are summed densely at the resolution just
+    below the output (a quarter of its positions in 2D) and their last linear resize is evaluated at the
+    position from its ``2^nd`` neighbours, or averaged with the resize's column weights for a spatial mean.
+    The values and the gradients (to the heads' parameters and the features) are those of the dense map read
+    at the same places, to float rounding. A nonlinear head or predictor falls back to the dense map.
+
+    Positions are flat indices into ``[B, *sp]`` in raster order (``mask.flatten().nonzero()`` of a
+    ``[B, *sp]`` mask), as the losses draw them.
+    """
+
+    def __init__(self, head: 'FPNProjectionHead', features: Sequence[torch.Tensor],
+                 predictor: Optional['Predictor'] = None):
+        self.head, self.features, self.predictor = head, list(features), predictor
+        f_out = self.features[head.output_level]
+        self.shape = torch.Size((f_out.shape[0], head.out_dim, *f_out.shape[2:]))
+        self.ndim, self.device = len(self.shape), f_out.device
+        self.linear = head.is_linear and (predictor is None or predictor.is_linear)
+        self._dense = self._detached = None
+        self._parts = None
+
+    @property
+    def spatial_size(self) -> Tuple[int, ...]:
+        return tuple(self.shape[2:])
+
+    def dense(self) -> torch.Tensor:
+        """The whole map ``[B, D, *sp]`` (cached; with gradient when the parameters or features have one)."""
+        if self._dense is None:
+            self._dense = self.head(self.features, self.predictor)
+        return self._dense
+
+    def detached(self) -> torch.Tensor:
+        """The whole map without gradient (cached); for what a loss reads as a constant."""
+        if self._detached is None:
+            if self._dense is not None:
+                self._detached = self._dense.detach()
+            elif self.linear:  # reuse the coarse sum that the reads build
+                coarse, _, _, _ = self._prepare()
+                with torch.no_grad():
+                    self._detached = self.head._linear_map(self.features, [w.detach() for w in self._weights],
+                                                           None if coarse is None else coarse.detach())
+            else:
+                with torch.no_grad():
+                    self._detached = self.head(self.features, self.predictor)
+        return self._detached
+
+    def _prepare(self):
+        if self._parts is not None:
+            return self._parts
+        head, feats, ol = self.head, self.features, self.head.output_level
+        weights = self._weights = head.level_weights(self.predictor)
+        coarse = head._coarse_sum(feats, weights)
+        out_size = self.spatial_size
+        # the last resize of the coarse part, per axis: [out, in] matrices (identity where sizes agree)
+        resize = None if coarse is None else [
+            _linear_resize_matrix(i, o, self.device, torch.promote_types(coarse.dtype, torch.float32))
+            for i, o in zip(coarse.shape[2:], out_size)]
+        # levels from the output level on: a finer level is area-pooled; when its size is a multiple of the output
+        # size the pooling windows are blocks and a position reads its block, otherwise the pooled map is made
+        fine = []
+        for f in feats[ol:]:
+            if f.shape[2:] != out_size and any(i % o for i, o in zip(f.shape[2:], out_size)):
+                f = F.interpolate(f, size=out_size, mode='area')
+            fine.append((f, tuple(i // o for i, o in zip(f.shape[2:], out_size))))
+        self._parts = coarse, fine, torch.cat(weights[ol:], dim=1), resize
+        return self._parts
+
+    def _coords(self, p: torch.Tensor) -> List[torch.Tensor]:
+        coords = []
+        for size in reversed(self.spatial_size):       # raster order: the last axis varies fastest
+            coords.append(p % size)
+            p = p // size
+        return coords[::-1]
+
+    def at(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[n, D]`` (the features' dtype): the map at flat positions ``flat [n]`` (long) into ``[B, *sp]``."""
+        flat = flat.to(self.device, torch.long)
+        n_pos = math.prod(self.spatial_size)
+        b, p = flat // n_pos, flat % n_pos
+        if not self.linear:
+            return self.dense().reshape(self.shape[0], self.shape[1], -1)[b, :, p]
+        coarse, fine, fine_weight, resize = self._prepare()
+        coords = self._coords(p)
+        z = []
+        for f, block in fine:                           # [n, C_l]: the vector, or the mean of the block, at p
+            in_size = f.shape[2:]
+            offsets = list(itertools.product(*[range(k) for k in block]))
+            src = torch.stack([sum((coords[a] * block[a] + o[a]) * math.prod(in_size[a + 1:])
+                                   for a in range(len(block))) for o in offsets], dim=1)      # [n, n_offsets]
+            # one gather per level (its backward writes the level's gradient once)
+            vals = f.reshape(f.shape[0], f.shape[1], -1)[b[:, None], :, src]                # [n, n_offsets, C]
+            z.append(vals.mean(1) if len(offsets) > 1 else vals[:, 0])
+        z = torch.cat(z, dim=1)
+        out = z @ fine_weight.to(z.dtype).T
+        if coarse is not None:
+            taps = []
+            for m, o in zip(resize, coords):            # the <= 2 source positions of each output position
+                w, i = m[o].topk(min(2, m.shape[1]), dim=1)
+                taps.append((i, w))
+            in_size = coarse.shape[2:]
+            corners = list(itertools.product(*[range(t[0].shape[1]) for t in taps]))
+            src = torch.stack([sum(taps[a][0][:, c] * math.prod(in_size[a + 1:]) for a, c in enumerate(corner))
+                               for corner in corners], dim=1)                                 # [n, n_corners]
+            weight = torch.stack([math.prod([taps[a][1][:, c] for a, c in enumerate(corner)])
+                                  for corner in corners], dim=1)                              # [n, n_corners]
+            vals = coarse.reshape(coarse.shape[0], coarse.shape[1], -1)[b[:, None], :, src]  # [n, n_corners, D]
+            out = out + (weight.to(vals.dtype)[..., None] * vals).sum(1)
+        return out
+
+    def spatial_mean(self) -> torch.Tensor:
+        """``[B, D]``: the mean of every image's map over its positions (``dense().flatten(2).mean(-1)``)."""
+        if not self.linear:
+            return self.dense().flatten(2).mean(-1)
+        coarse, fine, fine_weight, resize = self._prepare()
+        # block pooling keeps the mean of a level
+        z = torch.cat([f.flatten(2).mean(-1) for f, _ in fine], dim=1)               # [B, C_fine]
+        out = z @ fine_weight.to(z.dtype).T
+        if coarse is not None:
+            pooled = coarse.to(resize[0].dtype)
+            for m in reversed(resize):                  # mean over outputs = column means of the resize matrix
+                pooled = pooled @ m.mean(0)
+            out = out + pooled.to(out.dtype)
+        return out
+
+    def zero(self) -> torch.Tensor:
+        """A float32 zero attached to the graph of every parameter and feature the map depends on."""
+        if not self.linear:
+            return self.dense().sum().float() * 0.0
+        return self.at(torch.zeros(1, dtype=torch.long, device=self.device)).sum().float() * 0.0
 
 
 class Predictor(nn.Module):
@@ -141,6 +377,19 @@ class Predictor(nn.Module):
             raise ValueError(f'Predictor dim and hidden must be > 0, got dim={dim}, hidden={hidden}')
         self.net = nn.Sequential(_pointwise(conv_op, dim, hidden), nonlin() if nonlinear else nn.Identity(),
                                  _pointwise(conv_op, hidden, dim))
+
+    @property
+    def is_linear(self) -> bool:
+        return isinstance(self.net[1], nn.Identity)
+
+    def matrix(self) -> torch.Tensor:
+        """``[dim, dim]``, the product of the two layers (linear predictors only), differentiable; float32 (float64
+        for float64 parameters)."""
+        if not self.is_linear:
+            raise RuntimeError('Predictor.matrix needs a linear predictor (nonlinear=False)')
+        dtype = torch.promote_types(self.net[0].weight.dtype, torch.float32)
+        with torch.autocast(device_type=self.net[0].weight.device.type, enabled=False):
+            return self.net[2].weight.flatten(1).to(dtype) @ self.net[0].weight.flatten(1).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -94,9 +94,9 @@ def _record_negatives(loss, monkeypatch):
     original = loss._negatives
 
     def wrapper(c, *args):
-        neg, logw = original(c, *args)
-        seen.append((c, neg))
-        return neg, logw
+        table, index, logw = original(c, *args)   # negative (q, k) = table[index[q, k]]
+        seen.append((c, table[index]))
+        return table, index, logw
     monkeypatch.setattr(loss, '_negatives', wrapper)
     return seen
 

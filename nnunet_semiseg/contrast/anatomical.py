@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_semiseg.heads import RepresentationMap
+
 QuerySampler = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -114,7 +116,9 @@ class AnatomicalContrastLoss(nn.Module):
             :func:`uniform_query_sampler`. It receives the hard-pixel mask of one class, shape ``[B, *spatial]``.
 
     Shapes (``forward``):
-        feats: ``[B, D, *spatial]`` float, the student representation, or flat pixels ``[N, D]`` (then labels
+        feats: ``[B, D, *spatial]`` float, the student representation (or a
+            :class:`~nnunet_semiseg.heads.RepresentationMap` of it, then read with gradient at the queries only),
+            or flat pixels ``[N, D]`` (then labels
             ``[N]``, probs ``[N, C]``, valid ``[N]``; the sampler then sees masks of shape ``[1, N]``, so use the
             uniform sampler with flat inputs).
         labels: ``[B, *spatial]`` long: GT on labelled images, teacher argmax on unlabelled ones; values outside
@@ -159,15 +163,24 @@ class AnatomicalContrastLoss(nn.Module):
                              f'got {tuple(probs.shape)}')
         if valid is not None and valid.shape != labels.shape:
             raise ValueError(f'valid must have the shape of labels {tuple(labels.shape)}, got {tuple(valid.shape)}')
-        if feats.ndim == 2:  # flat pixels [N, D]: one 'image' with one spatial axis, so no loop runs over pixels
-            feats, labels, probs = feats.T.unsqueeze(0), labels.unsqueeze(0), probs.T.unsqueeze(0)
-            valid = None if valid is None else valid.unsqueeze(0)
-        batch, dim, num_classes = feats.shape[0], feats.shape[1], probs.shape[1]
-        feats3 = feats.reshape(batch, dim, -1)                                    # [B, D, S], a view if contiguous
-        positions = feats3.shape[2]
+        if isinstance(feats, RepresentationMap):
+            # read with gradient at the queries only; prototypes and negatives come from the detached map
+            rep_map = feats
+            read_queries, zero = (lambda flat: rep_map.at(flat).float()), rep_map.zero
+            feats = rep_map.detached()
+        else:
+            if feats.ndim == 2:  # flat pixels [N, D]: one 'image' with one spatial axis, so no loop runs over pixels
+                feats, labels, probs = feats.T.unsqueeze(0), labels.unsqueeze(0), probs.T.unsqueeze(0)
+                valid = None if valid is None else valid.unsqueeze(0)
+            feats3_grad = feats.reshape(feats.shape[0], feats.shape[1], -1)
 
-        def gather(flat_pos: torch.Tensor) -> torch.Tensor:                     # flat positions -> [n, D] float32
-            return feats3[flat_pos // positions, :, flat_pos % positions].float()
+            def read_queries(flat_pos: torch.Tensor) -> torch.Tensor:         # flat positions -> [n, D] float32
+                return feats3_grad[flat_pos // feats3_grad.shape[2], :, flat_pos % feats3_grad.shape[2]].float()
+
+            def zero() -> torch.Tensor:  # float32 sum: a half one overflows to inf, inf * 0 = NaN
+                return feats3_grad.sum(dtype=torch.float32) * 0
+        batch, dim, num_classes = feats.shape[0], feats.shape[1], probs.shape[1]
+        feats3 = feats.detach().reshape(batch, dim, -1)                           # [B, D, S], a view if contiguous
 
         labels = labels.long()
         in_range = (labels >= 0) & (labels < num_classes)
@@ -176,37 +189,45 @@ class AnatomicalContrastLoss(nn.Module):
         counts = torch.bincount(safe_labels[valid], minlength=num_classes)              # valid pixels per class, [C]
         present = counts > 0
         if int(present.sum()) <= 1:
-            return feats.sum(dtype=torch.float32) * 0  # float32 sum: a half one overflows to inf, inf * 0 = NaN
+            return zero()
 
         with torch.no_grad(), torch.autocast(device_type=feats.device.type, enabled=False):
-            # class means in float32 over the valid pixels only (invalid ones are never read), one image at a time
-            # so that a half-precision map is never copied whole
+            # class means in float32 over the valid pixels only (invalid ones are never read: zeroed by selection, not
+            # by weights), one image at a time so that a half-precision map is never copied whole
             prototypes = feats.new_zeros((num_classes, dim), dtype=torch.float32)
-            valid_flat, labels_flat = valid.reshape(batch, -1), safe_labels.reshape(batch, -1)
+            valid_flat = valid.reshape(batch, -1)
+            member = F.one_hot(safe_labels.reshape(batch, -1), num_classes).float()
             for b in range(batch):
-                pos = valid_flat[b].nonzero().squeeze(1)
-                prototypes.index_add_(0, labels_flat[b, pos], feats3[b][:, pos].T.float())
+                prototypes += (torch.where(valid_flat[b], feats3[b].float(), 0.0) @ member[b]).T
             prototypes /= counts.clamp_min(1).float().unsqueeze(1)
             prob_of_label = probs.detach().gather(1, safe_labels.unsqueeze(1)).squeeze(1)
             hard = valid & (prob_of_label < self.strong_threshold)                   # [B, *spatial]
             valid_pos = valid.flatten().nonzero().squeeze(1)                         # [M]
             valid_class = safe_labels.flatten()[valid_pos]
 
-        loss = feats.new_zeros((), dtype=torch.float32)
+        # draw every class's queries and negatives first (in the order the random streams expect), then read the
+        # student at all queries at once
+        drawn = []
         for c in torch.nonzero(present).flatten().tolist():
             hard_c = hard & (safe_labels == c)
             if not bool(hard_c.any()):
                 continue
             indices, query_weights = self.query_sampler(hard_c, self.num_queries, generator=generator)
             query_pos = hard_c.flatten().nonzero().squeeze(1)[indices]
-            with torch.autocast(device_type=feats.device.type, enabled=False):
-                queries = F.normalize(gather(query_pos), dim=1)                      # [Q, D], with gradient
+            with torch.no_grad(), torch.autocast(device_type=feats.device.type, enabled=False):
+                class_probs = negative_class_probs(prototypes, present, c, tau)
+                neg_idx = sample_negatives(valid_class, class_probs, self.num_queries, self.num_negatives, generator)
+            drawn.append((c, query_pos, query_weights, neg_idx))
+        loss = feats.new_zeros((), dtype=torch.float32)
+        if not drawn:
+            return loss / int(present.sum())
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            all_queries = F.normalize(read_queries(torch.cat([q for _, q, _, _ in drawn])), dim=1)  # with gradient
+            with torch.no_grad():
+                unit = F.normalize(feats3.float(), dim=1).transpose(1, 2).reshape(-1, dim)  # [B*S, D] unit rows
+            for (c, _, query_weights, neg_idx), queries in zip(drawn, all_queries.split(self.num_queries)):
                 with torch.no_grad():
-                    class_probs = negative_class_probs(prototypes, present, c, tau)
-                    neg_idx = sample_negatives(valid_class, class_probs, self.num_queries, self.num_negatives,
-                                               generator)
-                    negatives = F.normalize(gather(valid_pos[neg_idx.flatten()]), dim=1)
-                    negatives = negatives.view(self.num_queries, self.num_negatives, dim)
+                    negatives = unit[valid_pos[neg_idx.flatten()]].view(self.num_queries, self.num_negatives, dim)
                     positive = F.normalize(prototypes[c], dim=0)
                 logits = torch.cat([(queries @ positive).unsqueeze(1),
                                     torch.einsum('qd,qnd->qn', queries, negatives)], dim=1) / tau

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_semiseg.heads import RepresentationMap
+
 from .memory import FeatureQueue
 
 SamplerFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
@@ -149,7 +151,8 @@ class PixelContrastLoss(nn.Module):
         sample_negatives_with: ``'same'`` (the anchor sampler; the code) or ``'naive'``, for batch negatives.
 
     Shapes (forward):
-        student_reps: ``[B, D, *sp]`` float, student ``P_q(F_q(.))`` output (gradient flows here).
+        student_reps: ``[B, D, *sp]`` float, student ``P_q(F_q(.))`` output (gradient flows here), or a
+            :class:`~nnunet_semiseg.heads.RepresentationMap` of it, which is then read at the anchors only.
         teacher_reps: ``[B, D, *sp]`` float, teacher ``F_k(.)`` output on the same input (detached here).
         labels: ``[B, *sp_l]`` long, ground truth for labelled images, pseudo-labels for unlabelled, -1 = ignore.
         teacher_probs: ``[B, C, *sp_l]`` float, teacher softmax on the same input.
@@ -258,21 +261,28 @@ class PixelContrastLoss(nn.Module):
             labels, low_mask, high_mask, probs = (resize_nearest(x, sp) for x in (labels, low_mask, high_mask, probs))
         if int(labels.max()) >= self.num_classes:
             raise ValueError(f'labels must be < num_classes={self.num_classes}, got max {int(labels.max())}')
-        zero = student_reps.sum(dtype=torch.float32) * 0.0  # float32 sum: a half one overflows to inf, inf * 0 = NaN
+        if isinstance(student_reps, RepresentationMap):  # evaluated at the anchors only
+            zero, read_student = student_reps.zero(), lambda flat: student_reps.at(flat).float()
+        else:
+            zero = student_reps.sum(dtype=torch.float32) * 0.0  # float32: a half sum overflows to inf, inf * 0 = NaN
+            s3 = student_reps.reshape(b, d, -1)                  # [B, D, P] view, gathered per position
+            read_student = lambda flat: s3[flat // s3.shape[2], :, flat % s3.shape[2]].float()
         valid = labels >= 0
         present = torch.bincount(labels[valid & low_mask], minlength=self.num_classes) > 0
         if int(present.sum()) < 2:
             return zero.float()
 
         with torch.autocast(device_type=device.type, enabled=False):
-            s3 = student_reps.reshape(b, d, -1)                  # [B, D, P] views, gathered per position
             t3 = teacher_reps.detach().reshape(b, d, -1)
             probs = probs.reshape(b, self.num_classes, -1).float()
             lab, low, high = labels.reshape(b, -1), low_mask.reshape(b, -1), high_mask.reshape(b, -1)
-            n_pos = lab.shape[1]
+            teacher_unit = None
 
-            def gather(x3, flat):  # x3 [B, D, P], flat positions [n] in [0, B*P) -> [n, D] float32
-                return x3[flat // n_pos, :, flat % n_pos].float()
+            def teacher_table():  # [B*P, D] L2-normalised teacher reps by flat position, float32, made once
+                nonlocal teacher_unit
+                if teacher_unit is None:
+                    teacher_unit = F.normalize(t3.float(), dim=1).transpose(1, 2).reshape(-1, d)
+                return teacher_unit
 
             def positions(mask2):  # [B, P] bool -> flat positions in mask.nonzero() (raster) order
                 return mask2.reshape(-1).nonzero().squeeze(1)
@@ -280,13 +290,15 @@ class PixelContrastLoss(nn.Module):
             anchor_classes = [c for c in range(self.num_classes) if c > 0 or self.include_background]
             # class prototypes (positives): mean teacher rep over label == c & low_mask, all classes in one pass
             member = F.one_hot(lab.clamp_min(0), self.num_classes).float() * (valid.reshape(b, -1) & low)[..., None]
-            protos = torch.einsum('bdp,bpc->cd', t3.float(), member) / member.sum((0, 1)).clamp_min(1.0)[:, None]
+            protos = torch.bmm(t3.float(), member).sum(0).T / member.sum((0, 1)).clamp_min(1.0)[:, None]
             protos = F.normalize(protos, dim=1)                                                # [C, D]
             if self.negative_mode == 'bank':
-                self._push_negatives(t3, gather, positions, lab, high, probs, is_labeled.to(device, torch.bool),
+                self._push_negatives(teacher_table, positions, lab, high, probs, is_labeled.to(device, torch.bool),
                                      anchor_classes, generator)
 
-            losses = []
+            # draw every class's anchors and negatives first (in the order the random streams expect), then read
+            # the student at all anchors at once
+            drawn = []
             for c in anchor_classes:
                 if not bool(present[c]):
                     continue
@@ -295,19 +307,22 @@ class PixelContrastLoss(nn.Module):
                 if not bool(anchor_mask.any()):
                     continue
                 idx_a, w_a = self._draw(anchor_mask.view(b, *sp), self.num_queries, self.sampler, generator)
-                anchors = F.normalize(gather(s3, positions(anchor_mask)[idx_a]), dim=1)      # [nq, D]
-                negatives, neg_logw = self._negatives(c, t3, gather, positions, lab, low, b, sp, generator)
+                negatives = self._negatives(c, teacher_table, positions, lab, low, b, sp, generator)
+                drawn.append((c, positions(anchor_mask)[idx_a], w_a, negatives))
+            if not drawn:
+                return zero.float()
+            all_anchors = F.normalize(read_student(torch.cat([a for _, a, _, _ in drawn])), dim=1)
+            losses = []
+            for (c, _, w_a, (table, index, neg_logw)), anchors in zip(drawn, all_anchors.split(self.num_queries)):
                 pos_logit = anchors @ protos[c] / self.temperature                                  # [nq]
-                neg_logits = torch.einsum('qd,qkd->qk', anchors, negatives) / self.temperature + neg_logw
+                neg_logits = dots_with_rows(anchors, table, index) / self.temperature + neg_logw
                 logits = torch.cat((pos_logit[:, None], neg_logits), dim=1)                    # [nq, 1 + K]
                 ce = torch.logsumexp(logits, dim=1) - pos_logit
                 losses.append((w_a * ce).sum() / self.num_queries)
-            if not losses:
-                return zero.float()
             return torch.stack(losses).mean()
 
     @torch.no_grad()
-    def _push_negatives(self, t3, gather, positions, lab, high, probs, is_labeled, classes, generator):
+    def _push_negatives(self, teacher_table, positions, lab, high, probs, is_labeled, classes, generator):
         """Push U2PL's intended hard negatives of every class ``c`` (teacher reps, L2-normalised) to bank ``c``."""
         lab_img = is_labeled[:, None]
         for c in classes:
@@ -321,20 +336,36 @@ class PixelContrastLoss(nn.Module):
                 continue
             if flat.numel() > self.bank_size:
                 flat = flat[_randperm(flat.numel(), generator, flat.device)[:self.bank_size]]
-            self.banks[c].push(F.normalize(gather(t3, flat), dim=1))
+            self.banks[c].push(teacher_table()[flat])
 
-    def _negatives(self, c, t3, gather, positions, lab, low, b, sp, generator):
-        """``num_queries x num_negatives`` negatives for class ``c``: ``([nq, K, D] float32 unit, [nq, K] log w)``."""
+    def _negatives(self, c, teacher_table, positions, lab, low, b, sp, generator):
+        """``num_queries x num_negatives`` negatives for class ``c`` as rows of a table: ``(table [M, D] float32 unit,
+        index [nq, K] long, log w [nq, K])``, negative ``(q, k)`` being ``table[index[q, k]]``."""
         nq, k = self.num_queries, self.num_negatives
         if self.negative_mode == 'bank' and len(self.banks[c]) > 0:
-            feats = self.banks[c].get()
-            idx = _randint(feats.shape[0], nq * k, generator, feats.device)
-            return feats[idx].float().view(nq, k, -1), torch.zeros(nq, k, device=feats.device)
+            bank = self.banks[c]
+            m = len(bank)
+            idx = _randint(m, nq * k, generator, bank.feats.device)      # positions in bank.get()'s (age) order
+            if m == bank.size:  # full ring: get() starts at the write pointer
+                idx = (idx + int(bank.ptr)) % bank.size
+            # a copy, so that a push before the backward cannot change what the gradient reads
+            table = bank.feats[:m].float().clone()
+            return table, idx.view(nq, k), torch.zeros(nq, k, device=table.device)
         neg_mask = (lab >= 0) & (lab != c) & low
         which = self.sampler if self.sample_negatives_with == 'same' else 'naive'
         idx, w = self._draw(neg_mask.view(b, *sp), nq * k, which, generator)
         if which != 'naive':  # stratified draws come grouped by stratum: shuffle so each anchor sees all strata
             perm = _randperm(idx.numel(), generator, idx.device)
             idx, w = idx[perm], w[perm]
-        negatives = F.normalize(gather(t3, positions(neg_mask)[idx]), dim=1)
-        return negatives.view(nq, k, -1), torch.log(w.clamp_min(1e-12)).view(nq, k)
+        return teacher_table(), positions(neg_mask)[idx].view(nq, k), torch.log(w.clamp_min(1e-12)).view(nq, k)
+
+
+def dots_with_rows(queries: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[q, k] = queries[q] . table[index[q, k]]`` (``[Q, D]``, ``[M, D]``, ``[Q, K]`` long -> ``[Q, K]``), with
+    gradient to ``queries`` only. For a table that is small against the ``Q * K`` rows read (a negative bank) all
+    ``Q x M`` products are one matrix product, cheaper than copying ``Q * K`` rows out; otherwise the rows are
+    gathered. The two are the same sums in a different order."""
+    table = table.detach()
+    if table.shape[0] * 4 <= index.numel():
+        return (queries @ table.T).gather(1, index)
+    return torch.einsum('qd,qkd->qk', queries, table[index.flatten()].view(*index.shape, -1))

@@ -11,8 +11,11 @@ Stage 2, *fine-tuning*: the method's terms (:class:`PixelContrastMethod` for MON
 :class:`AnatomicalContrastMethod` for ACTION/ACTION++), always with the confidence-weighted pseudo-label loss on the
 strong (CutMix-ed) unlabelled view, pseudo-labels from the teacher on the weak view.
 
-Every step: one teacher forward over ``cat(labelled, weak unlabelled)`` (pseudo-labels, teacher features), then one
-student forward over ``cat(labelled, strong unlabelled[, equivariance view])``.
+Every step: one teacher forward over ``cat(labelled, weak unlabelled)`` (pseudo-labels, teacher features; ACTION's
+fine-tuning reads the unlabelled rows only and runs the teacher on them alone), then one student forward over
+``cat(labelled, strong unlabelled[, equivariance view])``. The representation heads are read only where the losses
+read them (:class:`~nnunet_semiseg.heads.RepresentationMap`): anchors, queries and spatial means of the student map;
+the teacher map, whose prototypes and bank negatives span the batch, is computed whole, without gradient.
 """
 import math
 from functools import partial
@@ -30,7 +33,8 @@ from nnunet_semiseg.contrast.mona import EquivarianceLoss, NearestNeighbourLoss,
 from nnunet_semiseg.contrast.pixel_contrast import (PixelContrastLoss, entropy_alpha, entropy_masks,
                                                     resize_nearest)
 from nnunet_semiseg.contrast.pseudo_label import pseudo_labels
-from nnunet_semiseg.heads import DEFAULT_OUTPUT_LEVEL, DEFAULT_REP_DIM, EmbeddingHead, FPNProjectionHead, Predictor
+from nnunet_semiseg.heads import (DEFAULT_OUTPUT_LEVEL, DEFAULT_REP_DIM, EmbeddingHead, FPNProjectionHead, Predictor,
+                                  RepresentationMap)
 from nnunet_semiseg.schedules import cosine_tau
 from nnunet_semiseg.training.base import SemiSegBatch, nnUNetTrainerSemiSupervised
 
@@ -127,14 +131,24 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         return partial(sample, mode=self.sampler, grid=self.sampler_grid)
 
     # ------------------------------------------------------------------ the step
+    def teacher_reads_labeled(self) -> bool:
+        """Whether this step reads the teacher's output on the labelled rows (relational pre-training does;
+        a fine-tuning method that reads only pseudo-labels of the unlabelled rows returns False, and the teacher
+        then runs on the weak unlabelled view alone)."""
+        return True
+
     def prepare_student_input(self, data, data_weak, data_strong):
         n = data.shape[0]
-        t_logits, t_feats = self.teacher_forward(data if data_weak is None else torch.cat((data, data_weak)))
-        cache = {'t_logits': t_logits.float(), 't_feats': t_feats, 'box': None}
+        with_labeled = self.teacher_reads_labeled()
+        teacher_input = data if data_weak is None else (torch.cat((data, data_weak)) if with_labeled else data_weak)
+        cache = {'t_logits': None, 't_feats': {}, 't_labeled_rows': 0, 'box': None}
+        if with_labeled or data_weak is not None:
+            t_logits, t_feats = self.teacher_forward(teacher_input)
+            cache.update(t_logits=t_logits.float(), t_feats=t_feats, t_labeled_rows=n if with_labeled else 0)
         rows = {'labeled': slice(0, n)}
         x = data
         if data_weak is not None:
-            probs_u, labels_u, conf_u = pseudo_labels(t_logits[n:])
+            probs_u, labels_u, conf_u = pseudo_labels(cache['t_logits'][cache['t_labeled_rows']:])
             strong = data_strong
             if not self.in_pretraining and self.use_cutmix and strong.shape[0] > 1:
                 strong, labels_u, conf_u, probs_u, cache['box'] = cutmix(strong, labels_u, conf_u, probs_u)
@@ -179,34 +193,43 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         return {}
 
     # helpers for the fine-tuning terms
-    def _labels_probs_conf(self, batch: SemiSegBatch):
+    def _labels_probs_conf(self, batch: SemiSegBatch, with_probs: bool = True):
         """Full-resolution ``labels [B, *sp]`` (GT for labelled rows, ignore -> -1; pseudo-labels for unlabelled),
-        teacher ``probs [B, C, *sp]`` and ``confidence [B, *sp]`` (1 for labelled pixels)."""
+        teacher ``probs [B, C, *sp]`` (``None`` unless ``with_probs``) and ``confidence [B, *sp]`` (1 for labelled
+        pixels)."""
         n = batch.num_labeled
         gt = batch.target_full_res[:, 0].long()
         if self.label_manager.has_ignore_label:
             gt = torch.where(gt == self.label_manager.ignore_label, torch.full_like(gt, -1), gt)
-        probs_l = self._cache['t_logits'][:n].softmax(1)
+        probs_l = self._cache['t_logits'][:n].softmax(1) if with_probs else None
         if not batch.has_unlabeled:
             return gt, probs_l, torch.ones_like(gt, dtype=torch.float32)
-        return (torch.cat((gt, self._cache['labels_u'])), torch.cat((probs_l, self._cache['probs_u'])),
+        probs = torch.cat((probs_l, self._cache['probs_u'])) if with_probs else None
+        return (torch.cat((gt, self._cache['labels_u'])), probs,
                 torch.cat((torch.ones_like(gt, dtype=torch.float32), self._cache['conf_u'])))
 
-    def _representations(self, batch: SemiSegBatch, predictor: Optional[str] = None):
-        """Student reps (with gradient) and teacher reps (CutMix-ed like the student's input) of the labelled and
-        unlabelled rows, ``[B, D, *sp_rep]`` each."""
+    def _student_representation(self, batch: SemiSegBatch, predictor: Optional[str] = None) -> RepresentationMap:
+        """The student's representation map of the labelled and unlabelled rows, ``[B, D, *sp_rep]``, as a
+        :class:`~nnunet_semiseg.heads.RepresentationMap`: the losses evaluate it (with gradient) only where they
+        read it."""
         mods = self.semiseg_modules
         rows = slice(0, batch.num_labeled + (batch.data_weak.shape[0] if batch.has_unlabeled else 0))
         feats = self.student_features()
-        student = mods['rep_head']([feats[i][rows] for i in self.tapped_decoder_stages])
-        if predictor is not None:
-            student = mods[predictor](student)
-        with torch.no_grad():
-            teacher = self.teacher.module['rep_head']([self._cache['t_feats'][i] for i in self.tapped_decoder_stages])
-            if self._cache['box'] is not None:
-                n = batch.num_labeled
-                teacher = torch.cat((teacher[:n], _paste_like_cutmix(teacher[n:], self._cache['box'])))
-        return student, teacher
+        return mods['rep_head'].represent([feats[i][rows] for i in self.tapped_decoder_stages],
+                                          None if predictor is None else mods[predictor])
+
+    def _teacher_features(self, rows: slice):
+        return [self._cache['t_feats'][i][rows] for i in self.tapped_decoder_stages]
+
+    @torch.no_grad()
+    def _teacher_representation(self, batch: SemiSegBatch) -> torch.Tensor:
+        """Teacher reps of the labelled and unlabelled rows (CutMix-ed like the student's input), ``[B, D, *sp_rep]``,
+        no gradient."""
+        teacher = self.teacher.module['rep_head'](self._teacher_features(slice(None)))
+        if self._cache['box'] is not None:
+            n = batch.num_labeled
+            teacher = torch.cat((teacher[:n], _paste_like_cutmix(teacher[n:], self._cache['box'])))
+        return teacher
 
 
 class PixelContrastMethod(nnUNetTrainerContrastiveBase):
@@ -250,7 +273,8 @@ class PixelContrastMethod(nnUNetTrainerContrastiveBase):
         mods = self.semiseg_modules
         n = batch.num_labeled
         labels, probs, conf = self._labels_probs_conf(batch)
-        student, teacher = self._representations(batch, predictor='rep_predictor')
+        student = self._student_representation(batch, predictor='rep_predictor')
+        teacher = self._teacher_representation(batch)
         low = torch.ones_like(labels, dtype=torch.bool)
         high = low.clone()
         if batch.has_unlabeled:
@@ -261,7 +285,9 @@ class PixelContrastMethod(nnUNetTrainerContrastiveBase):
         terms = {'contrast': (self.lambda_contrast,
                               mods['pixel_contrast'](student, teacher, labels, probs, low, high, is_labeled))}
         if batch.has_unlabeled:
-            terms['nearest_neighbour'] = (self.lambda_nn, mods['nearest_neighbour'](student[n:], teacher[n:]))
+            # L_nn reads the spatial means of the maps only
+            terms['nearest_neighbour'] = (self.lambda_nn, mods['nearest_neighbour'](
+                student.spatial_mean()[n:], teacher[n:].flatten(2).mean(-1, dtype=torch.float32)))
         if self.lambda_equivariance > 0:
             eqv, theta = mods['equivariance'], self._cache['theta']
             base_rows = slice(0, labels.shape[0])
@@ -308,26 +334,31 @@ class AnatomicalContrastMethod(nnUNetTrainerContrastiveBase):
         # ACTION++ schedules the student temperature of the distillation; the teacher's stays sharp (spec §3.5)
         return self._tau(self.semiseg_step, max(1, self.pretrain_iterations), self.tau_student)
 
+    def teacher_reads_labeled(self) -> bool:
+        # fine-tuning reads the teacher on labelled rows only for ASCL's teacher features
+        return self.in_pretraining or self.use_ascl
+
     def finetune_terms(self, batch):
         mods = self.semiseg_modules
         n = batch.num_labeled
-        labels, _, conf = self._labels_probs_conf(batch)
-        student, teacher = self._representations(batch)
-        size = student.shape[2:]
+        labels, _, conf = self._labels_probs_conf(batch, with_probs=False)
+        student = self._student_representation(batch)
+        size = student.spatial_size
         rows = slice(0, labels.shape[0])
-        student_probs = batch.logits('all')[rows].detach().float().softmax(1)
+        # nearest resizing selects pixels, so it commutes with the softmax: resize the logits, then normalise
+        student_probs = resize_nearest(batch.logits('all')[rows].detach().float(), size).softmax(1)
         is_labeled = torch.arange(labels.shape[0], device=labels.device) < n
         valid = anco_valid_mask(conf, is_labeled, self.weak_threshold)
         labels_r, valid_r = resize_nearest(labels, size), resize_nearest(valid, size)
         step, length = self.finetune_progress
         terms = {'anatomical_contrast': (self.lambda_anco, mods['anatomical_contrast'](
-            student, labels_r, resize_nearest(student_probs, size), valid_r, tau=self._tau(step, length, self.anco_tau)))}
+            student, labels_r, student_probs, valid_r, tau=self._tau(step, length, self.anco_tau)))}
         if self.use_ascl:
             idx = sample_pixels_per_class(labels_r[:n], self.label_manager.num_segmentation_heads,
                                           self.ascl_pixels_per_class)
-            d = student.shape[1]
-            f = student[:n].movedim(1, -1).reshape(-1, d)[idx]
-            g = teacher[:n].movedim(1, -1).reshape(-1, d)[idx]
+            f = student.at(idx)         # flat positions of the labelled rows = positions in the whole map
+            with torch.no_grad():
+                g = self.teacher.module['rep_head'].represent(self._teacher_features(slice(0, n))).at(idx)
             y = labels_r[:n].flatten()[idx]
             terms['supervised_contrast'] = (self.lambda_ascl, mods['supervised_contrast'](
                 f, g, y, tau=self._tau(step, length, self.tau_min)))

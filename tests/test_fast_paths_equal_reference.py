@@ -1,0 +1,276 @@
+"""The cheaper fine-tuning computations give the values and gradients of the dense ones they replaced
+(``reference_dense.py``: the code of commit f9defcf) on fixed inputs and seeds.
+
+* the FPN head as one linear map per level (:meth:`FPNProjectionHead.forward`) and read only where the losses read
+  it (:class:`RepresentationMap`) equals the layer-by-layer head; checked in float64, where the only difference is
+  the order of the sums (tolerance 1e-10), in 2D and 3D, with finer levels that are and are not block multiples;
+* PixelContrastLoss (bank and paper negatives, naive and stratified-antithetic sampling) and
+  AnatomicalContrastLoss read through a RepresentationMap equal the dense reference, bank contents included
+  (float64 inputs; the losses take their logits in float32 by design, so values and gradients agree to float32
+  rounding, 1e-5 relative);
+* one fine-tuning step of every contrastive trainer (MONA with and without the equivariance rows, ARCO-SAG,
+  ACTION, ACTION++) gives the reference's terms and gradients of every trainable parameter, in float32 (tolerance
+  1e-4 relative to the largest entry: float32 sums in another order, ~1e-6, with a margin for the occasional
+  negative whose class draw sits within rounding of a boundary of the multinomial).
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import reference_dense
+from conftest import make_trainer
+from nnunet_semiseg.contrast.anatomical import AnatomicalContrastLoss
+from nnunet_semiseg.contrast.pixel_contrast import PixelContrastLoss
+from nnunet_semiseg.heads import FPNProjectionHead, Predictor
+from nnunet_semiseg.training.base import SemiSegBatch
+
+TIGHT = 1e-10   # float64: same sums, other order
+FLOAT32 = 1e-5  # the losses take their logits in float32: relative to the largest entry
+
+
+def _features(channels, sizes, batch=3, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, c, *s, generator=g, dtype=dtype).requires_grad_(True) for c, s in zip(channels, sizes)]
+
+
+def _head(conv, channels, dim, level, seed=1, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return FPNProjectionHead(conv, channels, dim, output_level=level).to(dtype), Predictor(conv, dim).to(dtype)
+
+
+def _grads(value, tensors):
+    return torch.autograd.grad(value, tensors, allow_unused=True, retain_graph=True)
+
+
+def _diff(a, b):
+    return float((a - b).detach().abs().max())
+
+
+def _max_diff(a, b):
+    return max(_diff(x, y) for x, y in zip(a, b) if x is not None or y is not None)
+
+
+def _max_rel_diff(a, b):
+    """Largest difference of each pair of gradients relative to the pair's largest entry."""
+    return max(_diff(x, y) / (float(y.detach().abs().max()) + 1e-30) for x, y in zip(a, b) if y is not None)
+
+
+HEAD_CASES = [  # conv, channels (coarse -> fine), sizes, D, output level
+    (nn.Conv2d, [32, 16, 8, 4], [(4, 5), (8, 10), (16, 20), (32, 40)], 12, -2),      # nnU-Net 2d: 1/2 resolution
+    (nn.Conv2d, [32, 16, 8, 4], [(4, 5), (7, 10), (15, 20), (31, 40)], 12, -2),      # odd sizes: area not a block
+    (nn.Conv2d, [32, 16, 8, 4], [(4, 5), (8, 10), (16, 20), (32, 40)], 12, 0),       # output at the coarsest
+    (nn.Conv2d, [32, 16, 8, 4], [(4, 5), (8, 10), (16, 20), (32, 40)], 12, -1),      # the papers' full resolution
+    (nn.Conv3d, [32, 16, 8, 4], [(2, 4, 4), (4, 8, 8), (8, 16, 16), (8, 32, 32)], 6, -3),   # 3d: 1/4, anisotropic
+    (nn.Conv3d, [32, 16, 8, 4], [(3, 4, 4), (5, 8, 8), (9, 16, 16), (9, 32, 32)], 6, -2),
+]
+
+
+@pytest.mark.parametrize('conv, channels, sizes, dim, level', HEAD_CASES)
+def test_head_per_level_equals_layer_by_layer(conv, channels, sizes, dim, level):
+    feats = _features(channels, sizes)
+    head, predictor = _head(conv, channels, dim, level)
+    params = feats + list(head.parameters()) + list(predictor.parameters())
+    reference = predictor(head.forward_layered(feats))
+    fused = head(feats, predictor)
+    assert fused.shape == reference.shape
+    assert _diff(fused, reference) < TIGHT
+    weight = torch.randn(reference.shape, dtype=reference.dtype, generator=torch.Generator().manual_seed(2))
+    assert _max_diff(_grads((fused * weight).sum(), params), _grads((reference * weight).sum(), params)) < TIGHT
+    assert _diff(head(feats), head.forward_layered(feats)) < TIGHT    # without the predictor
+
+
+@pytest.mark.parametrize('conv, channels, sizes, dim, level', HEAD_CASES)
+def test_representation_map_reads_equal_the_dense_map(conv, channels, sizes, dim, level):
+    """Values and gradients of reads at positions and of spatial means, as the losses take them."""
+    feats = _features(channels, sizes)
+    head, predictor = _head(conv, channels, dim, level)
+    params = feats + list(head.parameters()) + list(predictor.parameters())
+    dense = predictor(head.forward_layered(feats))
+    b, d, n_pos = dense.shape[0], dense.shape[1], dense[0, 0].numel()
+    flat = torch.randint(b * n_pos, (300,), generator=torch.Generator().manual_seed(3))
+    reps = head.represent(feats, predictor)
+    assert reps.shape == dense.shape and reps.spatial_size == tuple(dense.shape[2:])
+    at_reference = dense.reshape(b, d, -1)[flat // n_pos, :, flat % n_pos]
+    at = reps.at(flat)
+    assert _diff(at, at_reference) < TIGHT
+    mean_reference = dense.flatten(2).mean(-1)
+    assert _diff(reps.spatial_mean(), mean_reference) < TIGHT
+    assert _diff(reps.detached(), dense) < TIGHT and not reps.detached().requires_grad
+    value, value_reference = at.square().sum() + reps.spatial_mean().sum(), \
+        at_reference.square().sum() + mean_reference.sum()
+    assert _max_diff(_grads(value, params), _grads(value_reference, params)) < TIGHT
+    zero = reps.zero()
+    assert zero.item() == 0.0 and all(g is not None for g in _grads(zero, params))  # the graph reaches everything
+
+
+def test_nonlinear_head_reads_the_dense_map():
+    channels, sizes = [16, 8, 4], [(4, 4), (8, 8), (16, 16)]
+    feats = _features(channels, sizes)
+    head = FPNProjectionHead(nn.Conv2d, channels, 6, output_level=-2, nonlinear=True).double()
+    dense = head.forward_layered(feats)
+    reps = head.represent(feats)
+    assert not reps.linear and torch.equal(head(feats), dense)
+    flat = torch.arange(0, dense.shape[0] * 64, 7)
+    assert torch.allclose(reps.at(flat), dense.reshape(3, 6, -1)[flat // 64, :, flat % 64], atol=TIGHT)
+    assert torch.allclose(reps.spatial_mean(), dense.flatten(2).mean(-1), atol=TIGHT)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def _contrast_inputs(seed, batch=4, size=(16, 20), classes=4, dim=8):
+    """Decoder-like features for a 2D head at 1/2 resolution, full-resolution labels / teacher probs / masks."""
+    g = torch.Generator().manual_seed(seed)
+    full = (2 * size[0], 2 * size[1])
+    channels, sizes = [16, 8, 4], [(size[0] // 2, size[1] // 2), size, full]
+    feats = [torch.randn(batch, c, *s, generator=g, dtype=torch.float64).requires_grad_(True)
+             for c, s in zip(channels, sizes)]
+    labels = torch.randint(0, classes, (batch, *full), generator=g)
+    labels[0, :3] = -1                                                       # an ignored band
+    probs = torch.softmax(3 * torch.randn(batch, classes, *full, generator=g, dtype=torch.float64), 1)
+    low, high = torch.rand(batch, *full, generator=g) > 0.3, torch.rand(batch, *full, generator=g) > 0.5
+    teacher = torch.randn(batch, dim, *size, generator=g, dtype=torch.float64)
+    torch.manual_seed(seed)
+    head = FPNProjectionHead(nn.Conv2d, channels, dim, output_level=-2).double()
+    predictor = Predictor(nn.Conv2d, dim).double()
+    return feats, head, predictor, labels, probs, low, high, teacher
+
+
+@pytest.mark.parametrize('mode', ['bank', 'paper'])
+@pytest.mark.parametrize('sampler', ['naive', 'sag'])
+def test_pixel_contrast_equals_dense_reference(mode, sampler):
+    feats, head, predictor, labels, probs, low, high, teacher = _contrast_inputs(0)
+    is_labeled = torch.tensor([True, True, False, False])
+    params = feats + list(head.parameters()) + list(predictor.parameters())
+    kwargs = dict(num_queries=16, num_negatives=24, negative_mode=mode, rep_dim=8, bank_size=50, sampler=sampler)
+    current = PixelContrastLoss(4, **kwargs).double()
+    reference = reference_dense.ReferencePixelContrastLoss(4, **kwargs).double()
+    for step in range(2):  # bank mode: the first step fills the banks, the second draws from them
+        value = current(head.represent(feats, predictor), teacher, labels, probs, low, high, is_labeled,
+                        generator=torch.Generator().manual_seed(10 + step))
+        dense = predictor(head.forward_layered(feats))
+        value_reference = reference(dense, teacher, labels, probs, low, high, is_labeled,
+                                    generator=torch.Generator().manual_seed(10 + step))
+        assert value.item() == pytest.approx(value_reference.item(), rel=FLOAT32) and value.item() > 0
+        assert _max_rel_diff(_grads(value, params), _grads(value_reference, params)) < FLOAT32
+        # the dense input path of the current loss too
+        value_dense = current(dense, teacher, labels, probs, low, high, is_labeled,
+                              generator=torch.Generator().manual_seed(10 + step))
+        assert value_dense.item() == pytest.approx(value_reference.item(), rel=FLOAT32)
+    for key, buffer in reference.state_dict().items():
+        assert torch.allclose(current.state_dict()[key], buffer, atol=TIGHT), key
+
+
+@pytest.mark.parametrize('sampler', [None, 'sag'])
+def test_anatomical_contrast_equals_dense_reference(sampler):
+    from functools import partial
+    from nnunet_semiseg.sampling import sample
+    feats, head, _, labels, probs, _, _, _ = _contrast_inputs(1)
+    size = feats[1].shape[2:]
+    labels, probs = F.interpolate(labels[:, None].double(), size=size).long()[:, 0], F.interpolate(probs, size=size)
+    valid = torch.rand(labels.shape, generator=torch.Generator().manual_seed(2)) > 0.2
+    params = feats + list(head.parameters())
+    query_sampler = None if sampler is None else partial(sample, mode=sampler)
+    kwargs = dict(num_queries=16, num_negatives=24, query_sampler=query_sampler)
+    value = AnatomicalContrastLoss(**kwargs)(head.represent(feats), labels, probs, valid, tau=0.3,
+                                             generator=torch.Generator().manual_seed(5))
+    value_reference = reference_dense.ReferenceAnatomicalContrastLoss(**kwargs)(
+        head.forward_layered(feats), labels, probs, valid, tau=0.3, generator=torch.Generator().manual_seed(5))
+    assert value.item() == pytest.approx(value_reference.item(), rel=FLOAT32) and value.item() > 0
+    assert _max_rel_diff(_grads(value, params), _grads(value_reference, params)) < FLOAT32
+
+
+# ------------------------------------------------------------------------------------------------ trainers
+def _finetune_step(trainer, batch, unlabeled, reference, seed):
+    """One fine-tuning step up to the backward (no optimizer step, no EMA): terms and the gradient of every
+    trainable parameter."""
+    torch.manual_seed(seed)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._features.clear()
+    data, target = batch['data'], batch['target']
+    weak, strong = unlabeled['data_weak'], unlabeled['data_strong']
+    prepare = reference_dense.prepare_student_input if reference else type(trainer).prepare_student_input
+    x, rows = prepare(trainer, data, weak, strong)
+    output = trainer.network(x)
+    n = data.shape[0]
+    supervised = trainer.loss([o[:n] for o in output], target)
+    step = SemiSegBatch(data, target, output, rows, weak, strong)
+    terms = (reference_dense.compute_semisupervised_terms if reference else
+             type(trainer).compute_semisupervised_terms)(trainer, step)
+    total = supervised + sum(weight * value for weight, value in terms.values())
+    total.backward()
+    grads = {name: p.grad.detach().clone() for name, p in
+             list(trainer.network.named_parameters()) + list(trainer.semiseg_modules.named_parameters())
+             if p.grad is not None}
+    return {k: float(v.detach()) for k, (_, v) in terms.items()}, grads, rows, x.shape[0]
+
+
+TRAINER_CASES = [('nnUNetTrainerMONA', {}), ('nnUNetTrainerMONA', {'lambda_equivariance': 0.0}),
+                 ('nnUNetTrainerARCO_SAG', {}), ('nnUNetTrainerACTION', {}), ('nnUNetTrainerACTIONpp', {})]
+
+
+@pytest.mark.parametrize('name, attributes', TRAINER_CASES)
+def test_finetune_step_equals_dense_reference(phantom, name, attributes):
+    trainer = make_trainer(phantom, name, '2d', epochs=3, iterations=2, fold=0)
+    trainer.num_queries, trainer.num_negatives = 32, 64
+    for key, value in attributes.items():
+        setattr(trainer, key, value)
+    trainer.on_train_start()
+    trainer.semiseg_step = trainer.pretrain_iterations                       # fine-tuning phase
+    batch, unlabeled = next(trainer.dataloader_train), next(trainer.dataloader_unlabeled)
+    start_modules = copy.deepcopy(trainer.semiseg_modules.state_dict())
+    runs = {}
+    for reference in (True, False):
+        trainer.semiseg_modules.load_state_dict(start_modules)
+        # two steps: the first fills banks and queues, the second reads them
+        runs[reference] = [_finetune_step(trainer, batch, unlabeled, reference, seed) for seed in (0, 1)]
+        runs[reference].append(copy.deepcopy(trainer.semiseg_modules.state_dict()))
+    for (terms_ref, grads_ref, rows_ref, _), (terms, grads, rows, _) in zip(runs[True][:2], runs[False][:2]):
+        assert rows == rows_ref and terms.keys() == terms_ref.keys()
+        for key in terms_ref:
+            assert terms[key] == pytest.approx(terms_ref[key], rel=1e-4, abs=1e-6), key
+        assert grads.keys() == grads_ref.keys()
+        # per tensor, relative to its largest entry; gradients that are zero up to rounding (a bias before an
+        # instance norm, float32 noise of the size of the gradient flowing through) against 1e-3 of the largest entry
+        floor = 1e-3 * max(float(g.abs().max()) for g in grads_ref.values())
+        for key, g_ref in grads_ref.items():
+            scale = max(float(g_ref.abs().max()), floor)
+            assert float((grads[key] - g_ref).abs().max()) <= 1e-4 * scale, (key, scale)
+    for key, buffer in runs[True][2].items():
+        assert torch.allclose(runs[False][2][key].float(), buffer.float(), atol=1e-5), key
+    if name == 'nnUNetTrainerMONA':
+        has_equivariance = attributes.get('lambda_equivariance', 1.0) > 0
+        assert ('equivariance' in runs[False][0][2]) == has_equivariance
+        assert ('equivariance' in runs[False][0][0]) == has_equivariance
+        # without the term, the student sees labelled + unlabelled rows only
+        b = batch['data'].shape[0] + unlabeled['data_weak'].shape[0]
+        assert runs[False][0][3] == (2 * b if has_equivariance else b)
+    for loader in (trainer.dataloader_train, trainer.dataloader_val, trainer.dataloader_unlabeled):
+        if hasattr(loader, '_finish'):
+            loader._finish()
+
+
+def test_action_teacher_reads_the_unlabelled_rows_only(phantom):
+    """ACTION's fine-tuning terms read the teacher's pseudo-labels only; ACTION++'s ASCL also reads its labelled
+    features, and pre-training reads both."""
+    seen = {}
+    for name in ('nnUNetTrainerACTION', 'nnUNetTrainerACTIONpp'):
+        trainer = make_trainer(phantom, name, '2d', epochs=3, iterations=2, fold=1)
+        trainer.on_train_start()
+        calls = []
+        original = trainer.teacher_forward
+        trainer.teacher_forward = lambda x: (calls.append(x.shape[0]), original(x))[1]
+        batch, unlabeled = next(trainer.dataloader_train), next(trainer.dataloader_unlabeled)
+        for phase_step in (0, trainer.pretrain_iterations):
+            trainer.semiseg_step = phase_step
+            trainer._features.clear()
+            trainer.prepare_student_input(batch['data'], unlabeled['data_weak'], unlabeled['data_strong'])
+        seen[name] = calls
+        for loader in (trainer.dataloader_train, trainer.dataloader_val, trainer.dataloader_unlabeled):
+            if hasattr(loader, '_finish'):
+                loader._finish()
+    n_l, n_u = batch['data'].shape[0], unlabeled['data_weak'].shape[0]
+    assert seen['nnUNetTrainerACTION'] == [n_l + n_u, n_u]
+    assert seen['nnUNetTrainerACTIONpp'] == [n_l + n_u, n_l + n_u]
+

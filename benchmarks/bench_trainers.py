@@ -1,16 +1,25 @@
-"""Seconds per training iteration and peak memory of our trainers against nnU-Net's plain ``nnUNetTrainer`` on the
-same plans and data.
+"""Cost of a whole training run of our trainers against nnU-Net's plain ``nnUNetTrainer`` on the same plans and data:
+seconds per iteration and peak memory.
 
 Each trainer runs in its own subprocess (so peak memory is its own): it is built exactly as ``nnUNetv2_train``
-builds it, its data loaders start, ``--warmup`` steps run untimed, then ``--iterations`` steps are timed (median and
-mean seconds per step, labelled + unlabelled batch, teacher, heads and losses included). Contrastive trainers are
-measured in their fine-tuning phase by default (the costlier one); ``--phase pretrain`` measures relational
-pre-training. Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the process' peak resident set size on CPU.
+builds it, its data loaders start, then each of its phases runs ``--warmup`` untimed and ``--iterations`` timed
+training steps (median seconds per step: labelled + unlabelled batch, teacher, heads, losses, backward, optimizer and
+EMA update; the unlabelled batch is fetched inside the step, the labelled one before it, as nnU-Net's own loop does;
+validation is not run). The two-stage contrastive trainers are timed in both phases, relational pre-training and
+fine-tuning, and their **whole run** is the mean weighted by each phase's share of the iterations
+(``pretrain_fraction``); a single-phase trainer's whole run is its step. Peak memory:
+``torch.cuda.max_memory_allocated`` on CUDA, the process' peak resident set size on CPU (torch and nnU-Net's
+imports alone are most of a gigabyte).
+
+A trainer may carry attribute overrides, ``NAME:attr=value[,attr=value]`` (values as JSON), e.g.
+``nnUNetTrainerMONA:lambda_equivariance=0``: they are set after the trainer is built, as a subclass would.
 
 Without ``-d`` a phantom dataset is generated and planned in a temporary folder (2d and 3d_fullres, CPU-sized plans).
 
     python benchmarks/bench_trainers.py                         # phantom, 2d, CPU, all trainers
     python benchmarks/bench_trainers.py -c 3d_fullres
+    python benchmarks/bench_trainers.py -d 27 -c 2d -p nnUNetPlans_cpu --iterations 3 --warmup 1 \\
+        --trainers nnUNetTrainer nnUNetTrainerMONA nnUNetTrainerMONA:lambda_equivariance=0
     python benchmarks/bench_trainers.py -d 27 -c 2d -p nnUNetPlans --device cuda   # your planned dataset
 """
 import argparse
@@ -26,6 +35,21 @@ TRAINERS = ['nnUNetTrainer', 'nnUNetTrainerMeanTeacher', 'nnUNetTrainerMONA', 'n
             'nnUNetTrainerARCO_SAG', 'nnUNetTrainerACTION', 'nnUNetTrainerACTIONpp']
 
 
+def parse_trainer(spec: str):
+    """``'NAME:a=1,b=x'`` -> ``('NAME', {'a': 1, 'b': 'x'})``."""
+    name, _, rest = spec.partition(':')
+    attributes = {}
+    for item in filter(None, rest.split(',')):
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise ValueError(f'trainer attribute {item!r} in {spec!r} is not attr=value')
+        try:
+            attributes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            attributes[key] = value
+    return name, attributes
+
+
 def measure(args) -> dict:
     import numpy as np
     import torch
@@ -36,44 +60,58 @@ def measure(args) -> dict:
     from nnunet_semiseg.discovery import find_trainer
 
     torch.manual_seed(0)
-    name = maybe_convert_to_dataset_name(args.dataset)
-    pre = os.path.join(str(nnUNet_preprocessed), name)
+    name, attributes = parse_trainer(args.single)
+    dataset = maybe_convert_to_dataset_name(args.dataset)
+    pre = os.path.join(str(nnUNet_preprocessed), dataset)
     plans = load_json(os.path.join(pre, args.plans + '.json'))
     plans['continue_training'] = False
     device = torch.device(args.device)
-    trainer = find_trainer(args.single)(plans, args.configuration, 0, load_json(os.path.join(pre, 'dataset.json')),
-                                        device)
+    trainer = find_trainer(name)(plans, args.configuration, 0, load_json(os.path.join(pre, 'dataset.json')), device)
+    for key, value in attributes.items():
+        if not hasattr(trainer, key):
+            raise AttributeError(f'{name} has no attribute {key!r}')
+        setattr(trainer, key, value)
     trainer.num_epochs, trainer.num_iterations_per_epoch = 1000, 250
     trainer.disable_checkpointing = True
     trainer.on_train_start()
-    if hasattr(trainer, 'pretrain_iterations') and args.phase == 'finetune':
-        trainer.semiseg_step = trainer.pretrain_iterations  # jump to the fine-tuning phase
+    two_stage = hasattr(trainer, 'pretrain_iterations')
+    phases = [p for p in ('pretrain', 'finetune') if args.phase in ('both', p)] if two_stage else ['-']
     trainer.on_train_epoch_start()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.warmup + args.iterations):
-        batch = next(trainer.dataloader_train)
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        trainer.train_step(batch)
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+    seconds = {}
+    for phase in phases:
+        if phase == 'pretrain':
+            trainer.semiseg_step = 0
+        elif phase == 'finetune':
+            trainer.semiseg_step = trainer.pretrain_iterations  # jump to the fine-tuning phase
+        times = []
+        for i in range(args.warmup + args.iterations):
+            batch = next(trainer.dataloader_train)
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            trainer.train_step(batch)
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        seconds[phase] = float(np.median(times))
     if device.type == 'cuda':
         peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
         import resource
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    trainer.on_train_end = lambda: None
+    share = trainer.pretrain_iterations / trainer.total_iterations if two_stage else 0.0
+    if two_stage and len(phases) == 2:
+        whole = share * seconds['pretrain'] + (1 - share) * seconds['finetune']
+    else:
+        whole = seconds[phases[0]]
     for loader in (trainer.dataloader_train, trainer.dataloader_val, getattr(trainer, 'dataloader_unlabeled', None)):
         if hasattr(loader, '_finish'):
             loader._finish()
-    return {'trainer': args.single, 'median_s': float(np.median(times)), 'mean_s': float(np.mean(times)),
-            'peak_mb': peak_mb, 'batch': trainer.batch_size, 'patch': list(trainer.configuration_manager.patch_size),
-            'phase': args.phase if hasattr(trainer, 'pretrain_iterations') else '-'}
+    return {'trainer': args.single, 'seconds': seconds, 'pretrain_share': share, 'whole_s': whole,
+            'peak_mb': peak_mb, 'batch': trainer.batch_size, 'patch': list(trainer.configuration_manager.patch_size)}
 
 
 def make_phantom(root: str) -> None:
@@ -88,16 +126,37 @@ def make_phantom(root: str) -> None:
                     features=(16, 32, 64, 128), batch_size_2d=8, batch_size_3d=2)
 
 
+def table(rows, args) -> str:
+    base = next((r for r in rows if r['trainer'] == 'nnUNetTrainer'), rows[0])
+    lines = [f'dataset {args.dataset}, {args.configuration}, plans {args.plans}, device {args.device}, '
+             f'batch {base["batch"]} labelled (+ the same unlabelled), patch {base["patch"]}, '
+             f'{args.iterations} timed iterations per phase after {args.warmup} warm-up, median',
+             '| trainer | pre-training s/it | fine-tuning s/it | whole run s/it | x nnUNetTrainer | peak memory (MB) '
+             '| x nnUNetTrainer |',
+             '|---|---|---|---|---|---|---|']
+    for r in rows:
+        pre, fine = r['seconds'].get('pretrain'), r['seconds'].get('finetune')
+        cells = [f'{pre:.3f}' if pre is not None else '-', f'{fine:.3f}' if fine is not None else '-']
+        # the phases' weights in the whole run
+        share = '' if pre is None or fine is None else f' ({r["pretrain_share"]:.2f} / {1 - r["pretrain_share"]:.2f})'
+        lines.append(f'| {r["trainer"]} | {cells[0]} | {cells[1]} | {r["whole_s"]:.3f}{share} | '
+                     f'{r["whole_s"] / base["whole_s"]:.2f} | {r["peak_mb"]:.0f} | '
+                     f'{r["peak_mb"] / base["peak_mb"]:.2f} |')
+    return '\n'.join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-d', '--dataset', default=None, help='planned dataset (default: a generated phantom)')
     p.add_argument('-c', '--configuration', default='2d')
     p.add_argument('-p', '--plans', default=None, help='default: nnUNetPlans, or the CPU-sized plans of the phantom')
-    p.add_argument('--trainers', nargs='+', default=TRAINERS)
-    p.add_argument('--iterations', type=int, default=10)
-    p.add_argument('--warmup', type=int, default=3)
-    p.add_argument('--phase', choices=['finetune', 'pretrain'], default='finetune')
+    p.add_argument('--trainers', nargs='+', default=TRAINERS, help='NAME or NAME:attr=value[,attr=value]')
+    p.add_argument('--iterations', type=int, default=10, help='timed steps per phase')
+    p.add_argument('--warmup', type=int, default=3, help='untimed steps before each phase')
+    p.add_argument('--phase', choices=['both', 'finetune', 'pretrain'], default='both',
+                   help='phases of the two-stage trainers to time (whole run: both)')
     p.add_argument('--device', default='cpu')
+    p.add_argument('--json', default=None, help='also write the measurements to this file')
     p.add_argument('--single', default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -117,6 +176,7 @@ def main():
     env.setdefault('nnUNet_n_proc_DA', '2' if args.device == 'cpu' else '8')
     rows = []
     for trainer in args.trainers:
+        parse_trainer(trainer)  # fail early on a malformed spec
         cmd = [sys.executable, os.path.abspath(__file__), '--single', trainer, '-d', args.dataset, '-c',
                args.configuration, '-p', args.plans, '--iterations', str(args.iterations), '--warmup',
                str(args.warmup), '--phase', args.phase, '--device', args.device]
@@ -129,15 +189,11 @@ def main():
         print(f'  measured {trainer}', file=sys.stderr, flush=True)
     if not rows:
         sys.exit(1)
-    base = next((r for r in rows if r['trainer'] == 'nnUNetTrainer'), rows[0])
-    print(f'\ndataset {args.dataset}, {args.configuration}, plans {args.plans}, device {args.device}, '
-          f'batch {base["batch"]} labelled (+ the same unlabelled), patch {base["patch"]}, '
-          f'{args.iterations} timed iterations after {args.warmup} warm-up')
-    print('| trainer | phase | s/iteration (median) | x nnUNetTrainer | peak memory (MB) |')
-    print('|---|---|---|---|---|')
-    for r in rows:
-        print(f'| {r["trainer"]} | {r["phase"]} | {r["median_s"]:.3f} | {r["median_s"] / base["median_s"]:.2f} | '
-              f'{r["peak_mb"]:.0f} |')
+    if args.json:
+        with open(args.json, 'w') as fh:
+            json.dump({'args': vars(args), 'rows': rows}, fh, indent=1)
+    print()
+    print(table(rows, args))
 
 
 if __name__ == '__main__':

@@ -29,6 +29,7 @@ DEFAULT_OUTPUT_LEVEL = {2: -2, 3: -3}
 # F.interpolate's linear mode for a tensor of ``ndim`` dimensions ([B, C, *spatial]).
 _LINEAR_MODE = {3: 'linear', 4: 'bilinear', 5: 'trilinear'}
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def _pointwise(conv_op: Type[nn.Module], in_channels: int, out_channels: int) -> nn.Module:
@@ -154,17 +155,24 @@ class FPNProjectionHead(nn.Module):
 
     def _linear_map(self, features: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
                     coarse: Optional[torch.Tensor]) -> torch.Tensor:
-        """The dense map from the level weights and the :meth:`_coarse_sum` of the levels below the output."""
-        out_size = features[self.output_level].shape[2:]
-        # the levels from the output level on are pointwise there: one convolution over their concatenation
-        fine = [f if f.shape[2:] == out_size else F.interpolate(f, size=out_size, mode='area')
-                for f in features[self.output_level:]]
-        fine = fine[0] if len(fine) == 1 else torch.cat(fine, dim=1)
-        y = _pointwise_conv(fine, torch.cat(weights[self.output_level:], dim=1))
+        """The dense map from the level weights and the :meth:`_coarse_sum` of the levels below the output, built
+        as rows ``[B, P, D]`` and returned as ``[B, D, *sp]`` in channels-last memory (a view of the rows), so that
+        losses reading per-position vectors read contiguous rows."""
+        out_size = tuple(features[self.output_level].shape[2:])
+        rows = None
+        for f, g in zip(features[self.output_level:], weights[self.output_level:]):
+            if tuple(f.shape[2:]) != out_size:  # finer than the output level: average-pool down (fewer channels than D)
+                f = F.interpolate(f, size=out_size, mode='area')
+            # the levels from the output level on are pointwise there: [B, C, P] read transposed by the product
+            r = f.flatten(2).transpose(1, 2) @ g.to(f.dtype).T
+            rows = r if rows is None else rows + r
         if coarse is not None:
-            y = y + (coarse if coarse.shape[2:] == out_size else
-                     F.interpolate(coarse, size=out_size, mode=_LINEAR_MODE[coarse.ndim], align_corners=False))
-        return y
+            if tuple(coarse.shape[2:]) != out_size:
+                coarse = F.interpolate(coarse.contiguous(memory_format=_CHANNELS_LAST.get(coarse.ndim,
+                                                                                          torch.contiguous_format)),
+                                       size=out_size, mode=_LINEAR_MODE[coarse.ndim], align_corners=False)
+            rows = rows + coarse.movedim(1, -1).reshape(rows.shape)   # a view for a channels-last resize
+        return rows.view(rows.shape[0], *out_size, rows.shape[2]).movedim(-1, 1)
 
     def _coarse_sum(self, features: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]
                     ) -> Optional[torch.Tensor]:

@@ -231,12 +231,12 @@ def test_finetune_step_equals_dense_reference(phantom, name, attributes):
         for key in terms_ref:
             assert terms[key] == pytest.approx(terms_ref[key], rel=1e-4, abs=1e-6), key
         assert grads.keys() == grads_ref.keys()
-        # per tensor, relative to its largest entry; gradients that are zero up to rounding (a bias before an
-        # instance norm, float32 noise of the size of the gradient flowing through) against 1e-3 of the largest entry
-        floor = 1e-3 * max(float(g.abs().max()) for g in grads_ref.values())
+        # per tensor, 1e-4 of its largest entry, plus 1e-6 of the step's largest gradient entry for gradients that
+        # are zero in exact arithmetic (a bias before an instance norm: float32 noise of the gradient through it)
+        floor = 1e-6 * max(float(g.abs().max()) for g in grads_ref.values())
         for key, g_ref in grads_ref.items():
-            scale = max(float(g_ref.abs().max()), floor)
-            assert float((grads[key] - g_ref).abs().max()) <= 1e-4 * scale, (key, scale)
+            tolerance = 1e-4 * float(g_ref.abs().max()) + floor
+            assert float((grads[key] - g_ref).abs().max()) <= tolerance, (key, tolerance)
     for key, buffer in runs[True][2].items():
         assert torch.allclose(runs[False][2][key].float(), buffer.float(), atol=1e-5), key
     if name == 'nnUNetTrainerMONA':

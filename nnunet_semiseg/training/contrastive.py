@@ -41,9 +41,11 @@ from nnunet_semiseg.training.base import SemiSegBatch, nnUNetTrainerSemiSupervis
 
 def _paste_like_cutmix(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     """Mix ``x [B, C, *sp]`` as :func:`~nnunet_semiseg.augment.cutmix` mixed the images: inside ``box`` (resized to
-    ``x``'s size) row ``i`` takes row ``(i + 1) % B``."""
-    box = resize_nearest(box, x.shape[2:])[:, None]
-    return torch.where(box, x.roll(-1, dims=0), x)
+    ``x``'s size) row ``i`` takes row ``(i + 1) % B``. Mixed channels-last (one vector per position), so a
+    channels-last map stays one."""
+    box = resize_nearest(box, x.shape[2:])[..., None]
+    rows = x.movedim(1, -1)
+    return torch.where(box, rows.roll(-1, dims=0), rows).movedim(-1, 1)
 
 
 class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
@@ -225,10 +227,11 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
     def _teacher_representation(self, batch: SemiSegBatch) -> torch.Tensor:
         """Teacher reps of the labelled and unlabelled rows (CutMix-ed like the student's input), ``[B, D, *sp_rep]``,
         no gradient."""
-        teacher = self.teacher.module['rep_head'](self._teacher_features(slice(None)))
+        teacher = self.teacher.module['rep_head'](self._teacher_features(slice(None)))   # channels-last memory
         if self._cache['box'] is not None:
             n = batch.num_labeled
-            teacher = torch.cat((teacher[:n], _paste_like_cutmix(teacher[n:], self._cache['box'])))
+            pasted = _paste_like_cutmix(teacher[n:], self._cache['box'])
+            teacher = torch.cat((teacher[:n].movedim(1, -1), pasted.movedim(1, -1))).movedim(-1, 1)
         return teacher
 
 

@@ -186,12 +186,13 @@ def main():
             print(f'{trainer} failed:\n{out.stderr[-2000:]}', file=sys.stderr)
             continue
         rows.append(json.loads(line[0][len('RESULT '):]))
-        print(f'  measured {trainer}', file=sys.stderr, flush=True)
+        print(f'  measured {trainer}: {rows[-1]["seconds"]} s/it, peak {rows[-1]["peak_mb"]:.0f} MB', file=sys.stderr,
+              flush=True)
+        if args.json:  # after every trainer, so an interrupted run keeps what it measured
+            with open(args.json, 'w') as fh:
+                json.dump({'args': vars(args), 'rows': rows}, fh, indent=1)
     if not rows:
         sys.exit(1)
-    if args.json:
-        with open(args.json, 'w') as fh:
-            json.dump({'args': vars(args), 'rows': rows}, fh, indent=1)
     print()
     print(table(rows, args))
 

@@ -159,19 +159,22 @@ class FPNProjectionHead(nn.Module):
         as rows ``[B, P, D]`` and returned as ``[B, D, *sp]`` in channels-last memory (a view of the rows), so that
         losses reading per-position vectors read contiguous rows."""
         out_size = tuple(features[self.output_level].shape[2:])
-        rows = None
-        for f, g in zip(features[self.output_level:], weights[self.output_level:]):
-            if tuple(f.shape[2:]) != out_size:  # finer than the output level: average-pool down (fewer channels than D)
-                f = F.interpolate(f, size=out_size, mode='area')
-            # the levels from the output level on are pointwise there: [B, C, P] read transposed by the product
-            r = f.flatten(2).transpose(1, 2) @ g.to(f.dtype).T
-            rows = r if rows is None else rows + r
-        if coarse is not None:
+        # the levels from the output level on are pointwise there: one product over their concatenated channels,
+        # [B, C, P] read transposed, added to the resized coarse part in the same call
+        fine = [f if tuple(f.shape[2:]) == out_size else F.interpolate(f, size=out_size, mode='area')
+                for f in features[self.output_level:]]
+        fine = fine[0] if len(fine) == 1 else torch.cat(fine, dim=1)
+        fine_rows = fine.flatten(2).transpose(1, 2)                                          # [B, P, C_fine]
+        weight = torch.cat(weights[self.output_level:], dim=1).to(fine.dtype).T             # [C_fine, D]
+        if coarse is None:
+            rows = fine_rows @ weight
+        else:
             if tuple(coarse.shape[2:]) != out_size:
                 coarse = F.interpolate(coarse.contiguous(memory_format=_CHANNELS_LAST.get(coarse.ndim,
                                                                                           torch.contiguous_format)),
                                        size=out_size, mode=_LINEAR_MODE[coarse.ndim], align_corners=False)
-            rows = rows + coarse.movedim(1, -1).reshape(rows.shape)   # a view for a channels-last resize
+            coarse_rows = coarse.movedim(1, -1).reshape(fine_rows.shape[0], -1, weight.shape[1])  # a view if resized
+            rows = torch.baddbmm(coarse_rows.to(fine_rows.dtype), fine_rows, weight.expand(fine_rows.shape[0], -1, -1))
         return rows.view(rows.shape[0], *out_size, rows.shape[2]).movedim(-1, 1)
 
     def _coarse_sum(self, features: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]

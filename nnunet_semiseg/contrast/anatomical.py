@@ -227,7 +227,8 @@ class AnatomicalContrastLoss(nn.Module):
                 unit = F.normalize(feats3.float(), dim=1).transpose(1, 2).reshape(-1, dim)  # [B*S, D] unit rows
             for (c, _, query_weights, neg_idx), queries in zip(drawn, all_queries.split(self.num_queries)):
                 with torch.no_grad():
-                    negatives = unit[valid_pos[neg_idx.flatten()]].view(self.num_queries, self.num_negatives, dim)
+                    negatives = unit.index_select(0, valid_pos[neg_idx.flatten()]).view(self.num_queries,
+                                                                                        self.num_negatives, dim)
                     positive = F.normalize(prototypes[c], dim=0)
                 logits = torch.cat([(queries @ positive).unsqueeze(1),
                                     torch.einsum('qd,qnd->qn', queries, negatives)], dim=1) / tau

@@ -336,7 +336,7 @@ class PixelContrastLoss(nn.Module):
                 continue
             if flat.numel() > self.bank_size:
                 flat = flat[_randperm(flat.numel(), generator, flat.device)[:self.bank_size]]
-            self.banks[c].push(teacher_table()[flat])
+            self.banks[c].push(teacher_table().index_select(0, flat))
 
     def _negatives(self, c, teacher_table, positions, lab, low, b, sp, generator):
         """``num_queries x num_negatives`` negatives for class ``c`` as rows of a table: ``(table [M, D] float32 unit,
@@ -364,8 +364,9 @@ def dots_with_rows(queries: torch.Tensor, table: torch.Tensor, index: torch.Tens
     """``out[q, k] = queries[q] . table[index[q, k]]`` (``[Q, D]``, ``[M, D]``, ``[Q, K]`` long -> ``[Q, K]``), with
     gradient to ``queries`` only. For a table that is small against the ``Q * K`` rows read (a negative bank) all
     ``Q x M`` products are one matrix product, cheaper than copying ``Q * K`` rows out; otherwise the rows are
-    gathered. The two are the same sums in a different order."""
+    gathered (``index_select``, about twice as fast as advanced indexing for rows). The two are the same sums in a
+    different order."""
     table = table.detach()
     if table.shape[0] * 4 <= index.numel():
         return (queries @ table.T).gather(1, index)
-    return torch.einsum('qd,qkd->qk', queries, table[index.flatten()].view(*index.shape, -1))
+    return torch.einsum('qd,qkd->qk', queries, table.index_select(0, index.flatten()).view(*index.shape, -1))

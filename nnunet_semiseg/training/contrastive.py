@@ -167,14 +167,24 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
 
     def compute_semisupervised_terms(self, batch: SemiSegBatch):
         if self.in_pretraining:
-            return self.relational_terms(batch)
-        terms = {}
-        if batch.has_unlabeled:
-            terms['unsup'] = (self.lambda_unsup,
-                              confidence_weighted_ce(batch.logits('unlabeled'), self._cache['labels_u'],
-                                                     self._cache['conf_u'], self.unsup_threshold))
-        terms.update(self.finetune_terms(batch))
+            terms = self.relational_terms(batch)
+        else:
+            terms = {}
+            if batch.has_unlabeled:
+                terms['unsup'] = (self.lambda_unsup,
+                                  confidence_weighted_ce(batch.logits('unlabeled'), self._cache['labels_u'],
+                                                         self._cache['conf_u'], self.unsup_threshold))
+            terms.update(self.finetune_terms(batch))
+        self._release_teacher_outputs()
         return terms
+
+    def _release_teacher_outputs(self) -> None:
+        """Drop the teacher's logits and tapped features once the terms are computed: nothing reads them after, and
+        the backward, the step's peak of memory, then runs without them."""
+        self._cache.pop('t_logits', None)
+        self._cache.pop('t_feats', None)
+        for key in [k for k in self._features if k[0] == 'teacher']:
+            del self._features[key]
 
     def current_tau_student(self) -> float:
         return self.tau_student

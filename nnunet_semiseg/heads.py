@@ -229,15 +229,21 @@ def _linear_resize_matrix(in_len: int, out_len: int, device: torch.device, dtype
 class RepresentationMap:
     """The output ``[B, D, *sp]`` of a :class:`FPNProjectionHead` (optionally followed by a :class:`Predictor`)
     over given features, evaluated on demand: at flat positions (:meth:`at`), as per-image spatial means
-    (:meth:`spatial_mean`) or whole (:meth:`dense`). Built by :meth:`FPNProjectionHead.represent`.
+    (:meth:`spatial_mean`) or whole (:meth:`dense`, :meth:`detached`). Built by :meth:`FPNProjectionHead.represent`.
 
-    For a linear head the map is ``sum_l resize_l(G_l f_l)`` (:meth:`FPNProjectionHead.level_weights`). Levels
-    at or finer than the output level are pointwise at the output resolution (finer ones area-pooled first), so
-    a position reads only their vectors there; the coarser levels are summed densely at the resolution just
-    below the output (a quarter of its positions in 2D) and their last linear resize is evaluated at the
-    position from its ``2^nd`` neighbours, or averaged with the resize's column weights for a spatial mean.
-    The values and the gradients (to the heads' parameters and the features) are those of the dense map read
-    at the same places, to float rounding. A nonlinear head or predictor falls back to the dense map.
+    For a linear head the map is ``sum_l resize_l(G_l f_l)`` (:meth:`FPNProjectionHead.level_weights`), and every
+    read is a weighted sum of feature vectors followed by one product with ``[G_0 .. G_{L-1}]``:
+
+    * a level at the output resolution is read at the position itself; a finer one (area-pooled in the head) as
+      the mean of its pooling window (a block when the sizes divide, else the pooled map is made);
+    * a coarser level goes through a chain of linear resizes; each is a sparse matrix with at most ``2^nd``
+      entries per output position, so the position is traced back through the chain to the level's positions
+      and their products of interpolation weights (4 per resize in 2D, 8 in 3D);
+    * a spatial mean weighs each level's positions by the column means of the resize matrices (per axis).
+
+    Values and gradients (to the heads' parameters and the features) are those of the dense map read at the
+    same places, to float rounding; nothing of the size of the map is made, so its backward writes only the
+    features' gradients. A nonlinear head or predictor falls back to the dense map.
 
     Positions are flat indices into ``[B, *sp]`` in raster order (``mask.flatten().nonzero()`` of a
     ``[B, *sp]`` mask), as the losses draw them.
@@ -250,8 +256,8 @@ class RepresentationMap:
         self.shape = torch.Size((f_out.shape[0], head.out_dim, *f_out.shape[2:]))
         self.ndim, self.device = len(self.shape), f_out.device
         self.linear = head.is_linear and (predictor is None or predictor.is_linear)
-        self._dense = self._detached = None
-        self._parts = None
+        self._dense = self._detached = self._weight = None
+        self._pooled = {}
 
     @property
     def spatial_size(self) -> Tuple[int, ...]:
@@ -268,43 +274,53 @@ class RepresentationMap:
         if self._detached is None:
             if self._dense is not None:
                 self._detached = self._dense.detach()
-            elif self.linear:  # reuse the coarse sum that the reads build
-                coarse, _, _, _ = self._prepare()
-                with torch.no_grad():
-                    self._detached = self.head._linear_map(self.features, [w.detach() for w in self._weights],
-                                                           None if coarse is None else coarse.detach())
             else:
                 with torch.no_grad():
                     self._detached = self.head(self.features, self.predictor)
         return self._detached
 
-    def _prepare(self):
-        if self._parts is not None:
-            return self._parts
-        head, feats, ol = self.head, self.features, self.head.output_level
-        weights = self._weights = head.level_weights(self.predictor)
-        coarse = head._coarse_sum(feats, weights)
-        out_size = self.spatial_size
-        # the last resize of the coarse part, per axis: [out, in] matrices (identity where sizes agree)
-        resize = None if coarse is None else [
-            _linear_resize_matrix(i, o, self.device, torch.promote_types(coarse.dtype, torch.float32))
-            for i, o in zip(coarse.shape[2:], out_size)]
-        # levels from the output level on: a finer level is area-pooled; when its size is a multiple of the output
-        # size the pooling windows are blocks and a position reads its block, otherwise the pooled map is made
-        fine = []
-        for f in feats[ol:]:
-            if f.shape[2:] != out_size and any(i % o for i, o in zip(f.shape[2:], out_size)):
-                f = F.interpolate(f, size=out_size, mode='area')
-            fine.append((f, tuple(i // o for i, o in zip(f.shape[2:], out_size))))
-        self._parts = coarse, fine, torch.cat(weights[ol:], dim=1), resize
-        return self._parts
+    def _level_weight(self) -> torch.Tensor:
+        """``[D, sum C_l]``: the level weights side by side, so that one product maps every level's read."""
+        if self._weight is None:
+            self._weight = torch.cat(self.head.level_weights(self.predictor), dim=1)
+        return self._weight
 
-    def _coords(self, p: torch.Tensor) -> List[torch.Tensor]:
+    def _finer(self, level: int) -> Tuple[torch.Tensor, Tuple[int, ...]]:
+        """A level at or finer than the output level and its pooling block (all ones at the output level); when its
+        size is not a multiple of the output size, the area-pooled map and block 1."""
+        if level not in self._pooled:
+            f, out_size = self.features[level], self.spatial_size
+            if tuple(f.shape[2:]) != out_size and any(i % o for i, o in zip(f.shape[2:], out_size)):
+                f = F.interpolate(f, size=out_size, mode='area')
+            self._pooled[level] = f, tuple(i // o for i, o in zip(f.shape[2:], out_size))
+        return self._pooled[level]
+
+    def _resize_chain(self) -> List[Optional[List[torch.Tensor]]]:
+        """For each level below the output: the per-axis ``[out, in]`` matrices of the resize from its size to the
+        next level's (``None`` where the sizes agree: no resize)."""
+        sizes = self.head._working_sizes(self.features)
+        dtype = torch.promote_types(self.features[0].dtype, torch.float32)
+        chain = []
+        for l in range(self.head.output_level):
+            src, dst = tuple(sizes[l]), tuple(sizes[l + 1])
+            chain.append(None if src == dst else [_linear_resize_matrix(i, o, self.device, dtype)
+                                                  for i, o in zip(src, dst)])
+        return chain
+
+    @staticmethod
+    def _unravel(p: torch.Tensor, size: Sequence[int]) -> List[torch.Tensor]:
         coords = []
-        for size in reversed(self.spatial_size):       # raster order: the last axis varies fastest
-            coords.append(p % size)
-            p = p // size
+        for s in reversed(size):                        # raster order: the last axis varies fastest
+            coords.append(p % s)
+            p = p // s
         return coords[::-1]
+
+    @staticmethod
+    def _read(f: torch.Tensor, b: torch.Tensor, coords: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``f [B, C, *sp]`` at rows ``b [m]`` and per-axis coordinates ``[m]`` -> ``[m, C]`` (one gather)."""
+        size = f.shape[2:]
+        flat = sum(c * math.prod(size[a + 1:]) for a, c in enumerate(coords))
+        return f.reshape(f.shape[0], f.shape[1], -1)[b, :, flat]
 
     def at(self, flat: torch.Tensor) -> torch.Tensor:
         """``[n, D]`` (the features' dtype): the map at flat positions ``flat [n]`` (long) into ``[B, *sp]``."""
@@ -313,48 +329,56 @@ class RepresentationMap:
         b, p = flat // n_pos, flat % n_pos
         if not self.linear:
             return self.dense().reshape(self.shape[0], self.shape[1], -1)[b, :, p]
-        coarse, fine, fine_weight, resize = self._prepare()
-        coords = self._coords(p)
-        z = []
-        for f, block in fine:                           # [n, C_l]: the vector, or the mean of the block, at p
-            in_size = f.shape[2:]
+        ol, n = self.head.output_level, flat.shape[0]
+        coords = self._unravel(p, self.spatial_size)
+        reads = [None] * len(self.features)
+        for level in range(ol, len(self.features)):    # the mean of the pooling block at the position
+            f, block = self._finer(level)
             offsets = list(itertools.product(*[range(k) for k in block]))
-            src = torch.stack([sum((coords[a] * block[a] + o[a]) * math.prod(in_size[a + 1:])
-                                   for a in range(len(block))) for o in offsets], dim=1)      # [n, n_offsets]
-            # one gather per level (its backward writes the level's gradient once)
-            vals = f.reshape(f.shape[0], f.shape[1], -1)[b[:, None], :, src]                # [n, n_offsets, C]
-            z.append(vals.mean(1) if len(offsets) > 1 else vals[:, 0])
-        z = torch.cat(z, dim=1)
-        out = z @ fine_weight.to(z.dtype).T
-        if coarse is not None:
-            taps = []
-            for m, o in zip(resize, coords):            # the <= 2 source positions of each output position
-                w, i = m[o].topk(min(2, m.shape[1]), dim=1)
-                taps.append((i, w))
-            in_size = coarse.shape[2:]
-            corners = list(itertools.product(*[range(t[0].shape[1]) for t in taps]))
-            src = torch.stack([sum(taps[a][0][:, c] * math.prod(in_size[a + 1:]) for a, c in enumerate(corner))
-                               for corner in corners], dim=1)                                 # [n, n_corners]
-            weight = torch.stack([math.prod([taps[a][1][:, c] for a, c in enumerate(corner)])
-                                  for corner in corners], dim=1)                              # [n, n_corners]
-            vals = coarse.reshape(coarse.shape[0], coarse.shape[1], -1)[b[:, None], :, src]  # [n, n_corners, D]
-            out = out + (weight.to(vals.dtype)[..., None] * vals).sum(1)
-        return out
+            grid = [torch.stack([coords[a] * block[a] + o[a] for o in offsets], dim=1) for a in range(len(block))]
+            vals = self._read(f, b[:, None].expand_as(grid[0]).reshape(-1), [g.reshape(-1) for g in grid])
+            vals = vals.view(n, len(offsets), -1)
+            reads[level] = vals.mean(1) if len(offsets) > 1 else vals[:, 0]
+        # coarser levels: trace the positions back through the resizes, carrying the interpolation weights
+        src, weight = [c[:, None] for c in coords], None   # per-axis coordinates [n, k], their weights [n, k]
+        for level, resize in zip(range(ol - 1, -1, -1), reversed(self._resize_chain())):
+            if resize is not None:
+                taps = [m[c].topk(min(2, m.shape[1]), dim=-1) for m, c in zip(resize, src)]   # (w, i) per axis
+                corners = list(itertools.product(*[range(t.indices.shape[-1]) for t in taps]))
+                src = [torch.stack([taps[a].indices[..., c[a]] for c in corners], dim=-1).flatten(1)
+                       for a in range(len(taps))]
+                w = math.prod([torch.stack([taps[a].values[..., c[a]] for c in corners], dim=-1)
+                               for a in range(len(taps))]).flatten(1)                           # [n, k * corners]
+                weight = w if weight is None else (weight[..., None] * w.view(n, weight.shape[1], -1)).flatten(1)
+            f = self.features[level]
+            k = src[0].shape[1]
+            vals = self._read(f, b[:, None].expand(n, k).reshape(-1), [c.reshape(-1) for c in src]).view(n, k, -1)
+            reads[level] = vals[:, 0] if weight is None else (weight.to(vals.dtype)[..., None] * vals).sum(1)
+        z = torch.cat(reads, dim=1)                                                         # [n, sum C_l]
+        return z @ self._level_weight().to(z.dtype).T
 
     def spatial_mean(self) -> torch.Tensor:
         """``[B, D]``: the mean of every image's map over its positions (``dense().flatten(2).mean(-1)``)."""
         if not self.linear:
             return self.dense().flatten(2).mean(-1)
-        coarse, fine, fine_weight, resize = self._prepare()
-        # block pooling keeps the mean of a level
-        z = torch.cat([f.flatten(2).mean(-1) for f, _ in fine], dim=1)               # [B, C_fine]
-        out = z @ fine_weight.to(z.dtype).T
-        if coarse is not None:
-            pooled = coarse.to(resize[0].dtype)
-            for m in reversed(resize):                  # mean over outputs = column means of the resize matrix
-                pooled = pooled @ m.mean(0)
-            out = out + pooled.to(out.dtype)
-        return out
+        ol = self.head.output_level
+        reads = [None] * len(self.features)
+        for level in range(ol, len(self.features)):    # block pooling keeps a level's mean
+            f, _ = self._finer(level)
+            reads[level] = f.flatten(2).mean(-1)
+        # coarser levels: the mean over the outputs of a resize is its column means; per axis, back the chain
+        columns = [torch.full((s,), 1.0 / s, device=self.device, dtype=torch.promote_types(self.features[0].dtype,
+                                                                                          torch.float32))
+                   for s in self.spatial_size]
+        for level, resize in zip(range(ol - 1, -1, -1), reversed(self._resize_chain())):
+            if resize is not None:
+                columns = [u @ m for u, m in zip(columns, resize)]
+            pooled = self.features[level].to(columns[0].dtype)
+            for u in reversed(columns):                 # contract the last spatial axis first
+                pooled = pooled @ u
+            reads[level] = pooled.to(self.features[level].dtype)
+        z = torch.cat(reads, dim=1)                                                         # [B, sum C_l]
+        return z @ self._level_weight().to(z.dtype).T
 
     def zero(self) -> torch.Tensor:
         """A float32 zero attached to the graph of every parameter and feature the map depends on."""

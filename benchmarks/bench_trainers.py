@@ -3,7 +3,7 @@ seconds per iteration and peak memory.
 
 Each trainer runs in its own subprocess (so peak memory is its own): it is built exactly as ``nnUNetv2_train``
 builds it, its data loaders start, then each of its phases runs ``--warmup`` untimed and ``--iterations`` timed
-training steps (median seconds per step: labelled + unlabelled batch, teacher, heads, losses, backward, optimizer and
+training steps (seconds per step, median or ``--statistic min``: labelled + unlabelled batch, teacher, heads, losses, backward, optimizer and
 EMA update; the unlabelled batch is fetched inside the step, the labelled one before it, as nnU-Net's own loop does;
 validation is not run). The two-stage contrastive trainers are timed in both phases, relational pre-training and
 fine-tuning, and their **whole run** is the mean weighted by each phase's share of the iterations
@@ -79,7 +79,7 @@ def measure(args) -> dict:
     trainer.on_train_epoch_start()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    seconds = {}
+    seconds, all_times = {}, {}
     for phase in phases:
         if phase == 'pretrain':
             trainer.semiseg_step = 0
@@ -96,7 +96,8 @@ def measure(args) -> dict:
                 torch.cuda.synchronize()
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
-        seconds[phase] = float(np.median(times))
+        all_times[phase] = times
+        seconds[phase] = float(np.median(times) if args.statistic == 'median' else np.min(times))
     if device.type == 'cuda':
         peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
@@ -110,7 +111,7 @@ def measure(args) -> dict:
     for loader in (trainer.dataloader_train, trainer.dataloader_val, getattr(trainer, 'dataloader_unlabeled', None)):
         if hasattr(loader, '_finish'):
             loader._finish()
-    return {'trainer': args.single, 'seconds': seconds, 'pretrain_share': share, 'whole_s': whole,
+    return {'trainer': args.single, 'seconds': seconds, 'times': all_times, 'pretrain_share': share, 'whole_s': whole,
             'peak_mb': peak_mb, 'batch': trainer.batch_size, 'patch': list(trainer.configuration_manager.patch_size)}
 
 
@@ -130,7 +131,7 @@ def table(rows, args) -> str:
     base = next((r for r in rows if r['trainer'] == 'nnUNetTrainer'), rows[0])
     lines = [f'dataset {args.dataset}, {args.configuration}, plans {args.plans}, device {args.device}, '
              f'batch {base["batch"]} labelled (+ the same unlabelled), patch {base["patch"]}, '
-             f'{args.iterations} timed iterations per phase after {args.warmup} warm-up, median',
+             f'{args.iterations} timed iterations per phase after {args.warmup} warm-up, {args.statistic}',
              '| trainer | pre-training s/it | fine-tuning s/it | whole run s/it | x nnUNetTrainer | peak memory (MB) '
              '| x nnUNetTrainer |',
              '|---|---|---|---|---|---|---|']
@@ -155,6 +156,8 @@ def main():
     p.add_argument('--warmup', type=int, default=3, help='untimed steps before each phase')
     p.add_argument('--phase', choices=['both', 'finetune', 'pretrain'], default='both',
                    help='phases of the two-stage trainers to time (whole run: both)')
+    p.add_argument('--statistic', choices=['median', 'min'], default='median',
+                   help='of the timed steps of a phase; min (best of N) discounts steps slowed by other processes')
     p.add_argument('--device', default='cpu')
     p.add_argument('--json', default=None, help='also write the measurements to this file')
     p.add_argument('--single', default=None, help=argparse.SUPPRESS)
@@ -179,7 +182,7 @@ def main():
         parse_trainer(trainer)  # fail early on a malformed spec
         cmd = [sys.executable, os.path.abspath(__file__), '--single', trainer, '-d', args.dataset, '-c',
                args.configuration, '-p', args.plans, '--iterations', str(args.iterations), '--warmup',
-               str(args.warmup), '--phase', args.phase, '--device', args.device]
+               str(args.warmup), '--phase', args.phase, '--device', args.device, '--statistic', args.statistic]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
         if out.returncode != 0 or not line:

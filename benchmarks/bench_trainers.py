@@ -4,10 +4,10 @@ seconds per iteration and peak memory.
 Each trainer runs in its own subprocess (so peak memory is its own): it is built exactly as ``nnUNetv2_train``
 builds it, its data loaders start, then each of its phases runs ``--warmup`` untimed and ``--iterations`` timed
 training steps (seconds per step, median or ``--statistic min``: labelled + unlabelled batch, teacher, heads,
-losses, backward, optimizer and EMA update; the unlabelled batch is fetched inside the step, the labelled one before
-it, as nnU-Net's own loop does; validation is not run). The two-stage contrastive trainers are timed in both phases, relational pre-training and
-fine-tuning, and their **whole run** is the mean weighted by each phase's share of the iterations
-(``pretrain_fraction``); a single-phase trainer's whole run is its step. Peak memory:
+losses, backward, optimizer and EMA update; the unlabelled batch is fetched inside the step, the labelled one
+before it, as nnU-Net's own loop does; validation is not run). The two-stage contrastive trainers are timed in both
+phases, relational pre-training and fine-tuning, and their **whole run** is the mean weighted by each phase's share
+of the iterations (``pretrain_fraction``); a single-phase trainer's whole run is its step. Peak memory:
 ``torch.cuda.max_memory_allocated`` on CUDA, the process' peak resident set size on CPU (torch and nnU-Net's
 imports alone are most of a gigabyte).
 

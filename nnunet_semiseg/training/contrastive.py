@@ -35,7 +35,7 @@ from nnunet_semiseg.contrast.pixel_contrast import (PixelContrastLoss, entropy_a
 from nnunet_semiseg.contrast.pseudo_label import pseudo_labels
 from nnunet_semiseg.heads import (DEFAULT_OUTPUT_LEVEL, DEFAULT_REP_DIM, EmbeddingHead, FPNProjectionHead, Predictor,
                                   RepresentationMap)
-from nnunet_semiseg.schedules import cosine_tau
+from nnunet_semiseg.schedules import cosine_tau, sigmoid_rampup
 from nnunet_semiseg.training.base import SemiSegBatch, nnUNetTrainerSemiSupervised
 
 
@@ -71,6 +71,7 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         self.rep_dim = DEFAULT_REP_DIM[spatial_dims]
         self.rep_output_level = DEFAULT_OUTPUT_LEVEL[spatial_dims]
         self.lambda_unsup = 1.0
+        self.unsup_rampup_fraction = 0.0   # sigmoid ramp of lambda_unsup over this share of fine-tuning; 0: none (papers)
         self.unsup_threshold = 0.97
         self.use_cutmix = True
         self.sampler = 'naive'              # 'naive' | 'sg' | 'sag' (nnunet_semiseg.sampling), any method
@@ -171,12 +172,18 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         else:
             terms = {}
             if batch.has_unlabeled:
-                terms['unsup'] = (self.lambda_unsup,
+                terms['unsup'] = (self.current_lambda_unsup(),
                                   confidence_weighted_ce(batch.logits('unlabeled'), self._cache['labels_u'],
                                                          self._cache['conf_u'], self.unsup_threshold))
             terms.update(self.finetune_terms(batch))
         self._release_teacher_outputs()
         return terms
+
+    def current_lambda_unsup(self) -> float:
+        """The pseudo-label loss's weight at this fine-tuning step: ``lambda_unsup`` times a sigmoid ramp over the first
+        ``unsup_rampup_fraction`` of fine-tuning (a share, so one setting serves every schedule length)."""
+        step, length = self.finetune_progress
+        return self.lambda_unsup * sigmoid_rampup(step, self.unsup_rampup_fraction * length)
 
     def _release_teacher_outputs(self) -> None:
         """Drop the teacher's logits and tapped features once the terms are computed: nothing reads them after, and

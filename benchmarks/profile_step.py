@@ -1,0 +1,55 @@
+"""Top operations (torch.profiler, self CPU time) of one training step of a trainer on a planned dataset, as a
+markdown table for docs/benchmarks.md. The two-stage trainers are profiled in their fine-tuning phase unless
+``--phase pretrain``. Shares are what to compare: on a loaded machine every absolute figure grows.
+
+    python benchmarks/profile_step.py -d Dataset027_ACDC -c 2d -p nnUNetPlans_cpu -tr nnUNetTrainerMONA
+"""
+import argparse
+import os
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('-d', required=True, help='dataset folder name under nnUNet_preprocessed')
+    ap.add_argument('-c', default='2d')
+    ap.add_argument('-p', default='nnUNetPlans')
+    ap.add_argument('-tr', default='nnUNetTrainerMONA')
+    ap.add_argument('--phase', choices=('finetune', 'pretrain'), default='finetune')
+    ap.add_argument('--rows', type=int, default=14)
+    ap.add_argument('--warmup', type=int, default=2)
+    args = ap.parse_args(argv)
+    os.environ.setdefault('nnUNet_n_proc_DA', '0')   # augmentation in the main process: no worker in the profile
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json, join
+    from nnunetv2.paths import nnUNet_preprocessed
+    from torch.profiler import ProfilerActivity, profile
+
+    from nnunet_semiseg.discovery import find_trainer
+    torch.manual_seed(0)
+    pre = join(nnUNet_preprocessed, args.d)
+    plans = load_json(join(pre, args.p + '.json'))
+    plans['continue_training'] = False
+    trainer = find_trainer(args.tr)(plans, args.c, 0, load_json(join(pre, 'dataset.json')), torch.device('cpu'))
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 1000, 250
+    trainer.disable_checkpointing = True
+    trainer.on_train_start()
+    if hasattr(trainer, 'pretrain_iterations') and args.phase == 'finetune':
+        trainer.semiseg_step = trainer.pretrain_iterations
+    trainer.on_train_epoch_start()
+    for _ in range(args.warmup):
+        trainer.train_step(next(trainer.dataloader_train))
+    batch = next(trainer.dataloader_train)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.train_step(batch)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f'{args.tr} ({args.phase}), one step, total self CPU {total / 1e6:.2f} s\n')
+    print('| operation | self CPU (s) | share | calls |\n|---|---|---|---|')
+    for e in events[:args.rows]:
+        print(f'| `{e.key}` | {e.self_cpu_time_total / 1e6:.2f} | {100 * e.self_cpu_time_total / total:.0f} % '
+              f'| {e.count} |')
+    os._exit(0)   # nnU-Net's loader threads would otherwise keep the process alive
+
+
+if __name__ == '__main__':
+    main()

@@ -12,6 +12,8 @@
   sums, the queue's log-partition as one product each way) equals its written form (``reference_dense.py``: the code
   of commit 2cc958f) in values, student gradients and buffers, from an empty queue through a wrapped one and at the
   ACDC 2d size (1024 pixels against a full 12 288 queue, tau = 0.1); float32 in both, so 1e-5 relative;
+* AnCo's negative draw with the candidates grouped once for all classes, and ACTION++'s pixel draw, give the
+  indices of the reference draws exactly;
 * one fine-tuning step of every contrastive trainer (MONA with and without the equivariance rows, ARCO-SAG,
   ACTION, ACTION++) gives the reference's terms and gradients of every trainable parameter, in float32 (tolerance
   1e-4 relative to the largest entry: float32 sums in another order, ~1e-6, with a margin for the occasional
@@ -26,8 +28,9 @@ from torch import nn
 
 import reference_dense
 from conftest import make_trainer
-from nnunet_semiseg.contrast.anatomical import AnatomicalContrastLoss
-from nnunet_semiseg.contrast.ascl import AdaptiveSupervisedContrastLoss, _LogSumExpOfProducts
+from nnunet_semiseg.contrast.anatomical import AnatomicalContrastLoss, group_by_class, sample_negatives
+from nnunet_semiseg.contrast.ascl import (AdaptiveSupervisedContrastLoss, _LogSumExpOfProducts,
+                                          sample_pixels_per_class)
 from nnunet_semiseg.contrast.pixel_contrast import PixelContrastLoss
 from nnunet_semiseg.heads import FPNProjectionHead, Predictor
 from nnunet_semiseg.training.base import SemiSegBatch
@@ -184,6 +187,26 @@ def test_anatomical_contrast_equals_dense_reference(sampler):
         head.forward_layered(feats), labels, probs, valid, tau=0.3, generator=torch.Generator().manual_seed(5))
     assert value.item() == pytest.approx(value_reference.item(), rel=FLOAT32) and value.item() > 0
     assert _max_rel_diff(_grads(value, params), _grads(value_reference, params)) < FLOAT32
+
+
+def test_draws_equal_reference():
+    g = torch.Generator().manual_seed(0)
+    pixel_class = torch.randint(0, 4, (5000,), generator=g)
+    class_probs = torch.tensor([0.0, 0.5, 0.3, 0.2])
+    grouped = group_by_class(pixel_class, 4)
+    for seed in range(3):
+        reference = reference_dense.sample_negatives(pixel_class, class_probs, 16, 24,
+                                                     torch.Generator().manual_seed(seed))
+        assert torch.equal(sample_negatives(pixel_class, class_probs, 16, 24, torch.Generator().manual_seed(seed),
+                                            grouped), reference)
+        assert torch.equal(sample_negatives(pixel_class, class_probs, 16, 24, torch.Generator().manual_seed(seed)),
+                           reference)
+    labels = torch.randint(-1, 4, (3, 20, 24), generator=g)
+    valid = torch.rand(3, 20, 24, generator=g) > 0.3
+    for kwargs in ({}, {'valid': valid}):
+        assert torch.equal(sample_pixels_per_class(labels, 4, 32, generator=torch.Generator().manual_seed(1), **kwargs),
+                           reference_dense.sample_pixels_per_class(labels, 4, 32,
+                                                                   generator=torch.Generator().manual_seed(1), **kwargs))
 
 
 def test_log_sum_exp_of_products_gradient():

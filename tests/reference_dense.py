@@ -1,7 +1,9 @@
 """The MONA/ARCO and ACTION fine-tuning computations as they were before they were made cheaper (commit f9defcf),
 kept verbatim as the reference that ``test_fast_paths_equal_reference.py`` compares the current code against:
 dense representation maps (the FPN head evaluated layer by layer), every loss read a gather from the whole map,
-the teacher always run over labelled + unlabelled rows.
+the teacher always run over labelled + unlabelled rows. ACTION++'s ASCL forward, its pixel draw and AnCo's negative
+draw are kept as they were at commit 2cc958f (:class:`ReferenceAdaptiveSupervisedContrastLoss`, with the ``[N, M]``
+positive mask over the queue and the concatenated logits; one stable sort per call of the draws).
 
 The loss forwards are bound onto the current modules (:class:`ReferencePixelContrastLoss`,
 :class:`ReferenceAnatomicalContrastLoss` share their buffers and helpers); the trainer functions take the
@@ -13,13 +15,136 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_semiseg.augment import cutmix
-from nnunet_semiseg.contrast.anatomical import (AnatomicalContrastLoss, anco_valid_mask, negative_class_probs,
-                                                sample_negatives)
-from nnunet_semiseg.contrast.ascl import sample_pixels_per_class
+from nnunet_semiseg.contrast.anatomical import AnatomicalContrastLoss, anco_valid_mask, negative_class_probs
+from nnunet_semiseg.contrast.ascl import AdaptiveSupervisedContrastLoss
 from nnunet_semiseg.contrast.pixel_contrast import (PixelContrastLoss, _randint, _randperm, entropy_alpha,
                                                     entropy_masks, resize_nearest)
 from nnunet_semiseg.contrast.pseudo_label import pseudo_labels
 from nnunet_semiseg.training.contrastive import _paste_like_cutmix
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the draws and ACTION++'s ASCL forward of commit 2cc958f
+
+def sample_negatives(pixel_class: torch.Tensor, class_probs: torch.Tensor, num_queries: int, num_negatives: int,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Class-aware negative sampling: for each of ``num_queries x num_negatives`` slots draw a class
+    ``v ~ Cat(class_probs)``, then a pixel uniformly (with replacement) among the candidates of class ``v``.
+
+    Args:
+        pixel_class: ``[M] long``, the class of every candidate pixel (valid pixels, labelled or pseudo-labelled).
+        class_probs: ``[C]`` class probabilities (e.g. :func:`negative_class_probs`); classes with mass must have
+            candidates.
+        generator: ``torch.Generator`` for every draw (its device is where the draws happen).
+
+    Returns:
+        ``[num_queries, num_negatives] long`` indices into ``pixel_class``.
+
+    Raises:
+        ValueError: a class with positive probability has no candidate pixel.
+    """
+    num_classes = class_probs.shape[0]
+    counts = torch.bincount(pixel_class, minlength=num_classes)[:num_classes]
+    if bool(((class_probs > 0) & (counts.to(class_probs.device) == 0)).any()):
+        raise ValueError('sample_negatives: a class with positive probability has no candidate pixels')
+    device = generator.device if generator is not None else pixel_class.device
+    total = num_queries * num_negatives
+    drawn = torch.multinomial(class_probs.float().to(device), total, replacement=True, generator=generator)
+    uniform = torch.rand(total, generator=generator, device=device)
+    drawn, uniform = drawn.to(pixel_class.device), uniform.to(pixel_class.device)
+    order = torch.argsort(pixel_class, stable=True)           # candidates grouped by class
+    starts = torch.cumsum(counts, 0) - counts
+    n_in_class = counts[drawn]
+    offset = torch.minimum((uniform * n_in_class).long(), n_in_class - 1)
+    return order[starts[drawn] + offset].view(num_queries, num_negatives)
+
+
+
+def sample_pixels_per_class(labels: torch.Tensor, num_classes: int, per_class: int = 256,
+                            valid: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None
+                            ) -> torch.Tensor:
+    """ACTION++'s pixel selection for ASCL: ``per_class`` pixels drawn uniformly with replacement from every class
+    present in ``labels``; if at most one class is present, ``per_class`` pixels drawn uniformly from all candidates.
+
+    Args:
+        labels: ``[B, *spatial]`` long ground truth (values outside ``[0, num_classes)`` are never drawn).
+        valid: optional ``[B, *spatial]`` bool mask of candidates.
+        generator: ``torch.Generator`` for the draws (its device is where they happen).
+
+    Returns:
+        ``[N] long`` flat indices into ``labels.flatten()`` (``N = per_class * #present``, or ``per_class``, or 0 when
+        there is no candidate), grouped by class in increasing class order. Gather features with
+        ``feats.movedim(1, -1).reshape(-1, D)[idx]`` and labels with ``labels.flatten()[idx]``.
+    """
+    if per_class < 1:
+        raise ValueError(f'per_class must be >= 1, got {per_class}')
+    flat = labels.flatten().long()
+    candidates = (flat >= 0) & (flat < num_classes)
+    if valid is not None:
+        candidates &= valid.flatten().bool()
+    positions = candidates.nonzero().squeeze(1)
+    if positions.numel() == 0:
+        return positions
+    classes = flat[positions]
+    counts = torch.bincount(classes, minlength=num_classes)
+    present = torch.nonzero(counts).flatten()
+    device = generator.device if generator is not None else labels.device
+    uniform = torch.rand(per_class * max(1, present.numel()), generator=generator, device=device).to(labels.device)
+    if present.numel() <= 1:
+        pick = (uniform * positions.numel()).long().clamp_max(positions.numel() - 1)
+        return positions[pick]
+    order = torch.argsort(classes, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    drawn_class = present.repeat_interleave(per_class)
+    n_in_class = counts[drawn_class]
+    offset = torch.minimum((uniform * n_in_class).long(), n_in_class - 1)
+    return positions[order[starts[drawn_class] + offset]]
+
+
+
+class ReferenceAdaptiveSupervisedContrastLoss(AdaptiveSupervisedContrastLoss):
+    """AdaptiveSupervisedContrastLoss with the forward of commit 2cc958f."""
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                tau: Optional[float] = None, update: bool = True) -> torch.Tensor:
+        if student.ndim != 2 or student.shape != teacher.shape or student.shape[1] != self.dim:
+            raise ValueError(f'student and teacher must both be [N, {self.dim}], got {tuple(student.shape)} and '
+                             f'{tuple(teacher.shape)}')
+        if labels.shape != student.shape[:1]:
+            raise ValueError(f'labels must be [N] = [{student.shape[0]}], got {tuple(labels.shape)}')
+        tau = self.tau if tau is None else float(tau)
+        if not tau > 0:
+            raise ValueError(f'tau must be > 0, got {tau}')
+        if student.shape[0] == 0:
+            return student.sum(dtype=torch.float32) * 0
+        labels = labels.long()
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(f'labels must lie in [0, {self.num_classes}), got values in '
+                             f'[{int(labels.min())}, {int(labels.max())}]')
+        if update:
+            self.update_centroids(student, labels)
+            frozen = self.freeze_assignment_after is not None and int(self.num_updates) >= self.freeze_assignment_after
+            if not frozen:
+                self.match()
+            self.num_updates += 1
+
+        with torch.autocast(device_type=student.device.type, enabled=False):
+            f = F.normalize(student.float(), dim=1)
+            with torch.no_grad():
+                g = F.normalize(teacher.detach().float(), dim=1)
+                queue_feats, queue_labels = self.queue.get()                      # [M, D], [M]
+                same_label = (queue_labels.unsqueeze(0) == labels.unsqueeze(1)).float()   # [N, M]
+                n_i = same_label.sum(1) + 2.0       # teacher view + same-label queue entries + the centre
+                target_col = 1 + queue_feats.shape[0] + self.assignment[labels]
+            logits = torch.cat([(f * g).sum(1, keepdim=True), f @ queue_feats.float().T, f @ self.centres.T], 1) / tau
+            log_prob = F.log_softmax(logits, dim=1)                                # [N, 1 + M + K]
+            positives = log_prob[:, 0] + (log_prob[:, 1:1 + queue_feats.shape[0]] * same_label).sum(1)
+            centre = log_prob.gather(1, target_col.unsqueeze(1)).squeeze(1)
+            loss = -((positives + self.lambda_centre * centre) / n_i).mean()
+        if update:
+            self.queue.push(g, labels)
+        return loss
+
 
 
 class ReferencePixelContrastLoss(PixelContrastLoss):
@@ -298,8 +423,8 @@ def anatomical_finetune_terms(self, batch):
         f = student[:n].movedim(1, -1).reshape(-1, d)[idx]
         g = teacher[:n].movedim(1, -1).reshape(-1, d)[idx]
         y = labels_r[:n].flatten()[idx]
-        terms['supervised_contrast'] = (self.lambda_ascl, mods['supervised_contrast'](
-            f, g, y, tau=self._tau(step, length, self.tau_min)))
+        terms['supervised_contrast'] = (self.lambda_ascl, ReferenceAdaptiveSupervisedContrastLoss.forward(
+            mods['supervised_contrast'], f, g, y, tau=self._tau(step, length, self.tau_min)))
     return terms
 
 

@@ -8,6 +8,12 @@
   AnatomicalContrastLoss read through a RepresentationMap equal the dense reference, bank contents included
   (float64 inputs; the losses take their logits in float32 by design, so values and gradients agree to float32
   rounding, 1e-5 relative);
+* ACTION++'s adaptive supervised contrast without the ``[N, M]`` log-probabilities (queue positives as per-class
+  sums, the queue's log-partition as one product each way) equals its written form (``reference_dense.py``: the code
+  of commit 2cc958f) in values, student gradients and buffers, from an empty queue through a wrapped one and at the
+  ACDC 2d size (1024 pixels against a full 12 288 queue, tau = 0.1); float32 in both, so 1e-5 relative;
+* AnCo's negative draw with the candidates grouped once for all classes, and ACTION++'s pixel draw, give the
+  indices of the reference draws exactly;
 * one fine-tuning step of every contrastive trainer (MONA with and without the equivariance rows, ARCO-SAG,
   ACTION, ACTION++) gives the reference's terms and gradients of every trainable parameter, in float32 (tolerance
   1e-4 relative to the largest entry: float32 sums in another order, ~1e-6, with a margin for the occasional
@@ -22,7 +28,9 @@ from torch import nn
 
 import reference_dense
 from conftest import make_trainer
-from nnunet_semiseg.contrast.anatomical import AnatomicalContrastLoss
+from nnunet_semiseg.contrast.anatomical import AnatomicalContrastLoss, group_by_class, sample_negatives
+from nnunet_semiseg.contrast.ascl import (AdaptiveSupervisedContrastLoss, _LogSumExpOfProducts,
+                                          sample_pixels_per_class)
 from nnunet_semiseg.contrast.pixel_contrast import PixelContrastLoss
 from nnunet_semiseg.heads import FPNProjectionHead, Predictor
 from nnunet_semiseg.training.base import SemiSegBatch
@@ -179,6 +187,64 @@ def test_anatomical_contrast_equals_dense_reference(sampler):
         head.forward_layered(feats), labels, probs, valid, tau=0.3, generator=torch.Generator().manual_seed(5))
     assert value.item() == pytest.approx(value_reference.item(), rel=FLOAT32) and value.item() > 0
     assert _max_rel_diff(_grads(value, params), _grads(value_reference, params)) < FLOAT32
+
+
+def test_draws_equal_reference():
+    g = torch.Generator().manual_seed(0)
+    pixel_class = torch.randint(0, 4, (5000,), generator=g)
+    class_probs = torch.tensor([0.0, 0.5, 0.3, 0.2])
+    grouped = group_by_class(pixel_class, 4)
+    for seed in range(3):
+        reference = reference_dense.sample_negatives(pixel_class, class_probs, 16, 24,
+                                                     torch.Generator().manual_seed(seed))
+        assert torch.equal(sample_negatives(pixel_class, class_probs, 16, 24, torch.Generator().manual_seed(seed),
+                                            grouped), reference)
+        assert torch.equal(sample_negatives(pixel_class, class_probs, 16, 24, torch.Generator().manual_seed(seed)),
+                           reference)
+    labels = torch.randint(-1, 4, (3, 20, 24), generator=g)
+    valid = torch.rand(3, 20, 24, generator=g) > 0.3
+    for kwargs in ({}, {'valid': valid}):
+        drawn = sample_pixels_per_class(labels, 4, 32, generator=torch.Generator().manual_seed(1), **kwargs)
+        reference = reference_dense.sample_pixels_per_class(labels, 4, 32, generator=torch.Generator().manual_seed(1),
+                                                            **kwargs)
+        assert drawn.numel() == 4 * 32 and torch.equal(drawn, reference)
+
+
+def test_log_sum_exp_of_products_gradient():
+    """The hand-written backward against finite differences (float64) and the value against torch.logsumexp."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    assert torch.allclose(_LogSumExpOfProducts.apply(a, b), torch.logsumexp(a @ b.T, 1), atol=TIGHT)
+    assert torch.autograd.gradcheck(lambda x: _LogSumExpOfProducts.apply(x, b), (a,))
+
+
+ASCL_CASES = [  # classes, D, pixels per step, queue size, entries in the queue before the first step, tau, lambda
+    (4, 8, 24, 50, 0, 0.3, 0.2),             # from an empty queue; it fills and wraps around over the steps
+    (3, 16, 40, 100, 0, 1.0, 0.0),           # lambda = 0: the centre still counts in n_i
+    (4, 128, 1024, 12288, 12288, 0.1, 0.2),  # ACDC 2d: 256 pixels x 4 classes against a full queue, tau_min
+]
+
+
+@pytest.mark.parametrize('classes, dim, n, queue_size, prefill, tau, lambda_centre', ASCL_CASES)
+def test_ascl_equals_reference(classes, dim, n, queue_size, prefill, tau, lambda_centre):
+    g = torch.Generator().manual_seed(0)
+    current = AdaptiveSupervisedContrastLoss(classes, dim, queue_size, lambda_centre)
+    reference = reference_dense.ReferenceAdaptiveSupervisedContrastLoss(classes, dim, queue_size, lambda_centre)
+    if prefill:
+        feats = F.normalize(torch.randn(prefill, dim, generator=g), dim=1)
+        labels = torch.randint(0, classes, (prefill,), generator=g)
+        current.queue.push(feats, labels)
+        reference.queue.push(feats, labels)
+    for step in range(4 if not prefill else 2):
+        student = torch.randn(n, dim, generator=g, requires_grad=True)
+        teacher, labels = torch.randn(n, dim, generator=g), torch.randint(0, classes, (n,), generator=g)
+        value = current(student, teacher, labels, tau=tau)
+        value_reference = reference(student, teacher, labels, tau=tau)
+        assert value.item() == pytest.approx(value_reference.item(), rel=FLOAT32) and value.item() > 0
+        assert _max_rel_diff(_grads(value, [student]), _grads(value_reference, [student])) < FLOAT32
+        for key, buffer in reference.state_dict().items():
+            assert torch.equal(current.state_dict()[key], buffer), key
 
 
 # ------------------------------------------------------------------------------------------------ trainers

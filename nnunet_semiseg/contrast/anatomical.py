@@ -46,8 +46,15 @@ def negative_class_probs(prototypes: torch.Tensor, present: torch.Tensor, query_
     return torch.softmax((sims / tau).masked_fill(~others, float('-inf')), dim=0)
 
 
+def group_by_class(pixel_class: torch.Tensor, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``pixel_class [M] long`` in ``[0, num_classes)`` -> ``(order [M] long, counts [num_classes] long)``: the indices
+    sorted by class, raster order inside a class (a stable sort), and the number of pixels of each class."""
+    return torch.argsort(pixel_class, stable=True), torch.bincount(pixel_class, minlength=num_classes)[:num_classes]
+
+
 def sample_negatives(pixel_class: torch.Tensor, class_probs: torch.Tensor, num_queries: int, num_negatives: int,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                     generator: Optional[torch.Generator] = None,
+                     grouped: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Class-aware negative sampling: for each of ``num_queries x num_negatives`` slots draw a class
     ``v ~ Cat(class_probs)``, then a pixel uniformly (with replacement) among the candidates of class ``v``.
 
@@ -56,6 +63,8 @@ def sample_negatives(pixel_class: torch.Tensor, class_probs: torch.Tensor, num_q
         class_probs: ``[C]`` class probabilities (e.g. :func:`negative_class_probs`); classes with mass must have
             candidates.
         generator: ``torch.Generator`` for every draw (its device is where the draws happen).
+        grouped: ``group_by_class(pixel_class, C)``, for callers that draw for several classes from the same pixels
+            (one sort instead of one per call); computed here when ``None``.
 
     Returns:
         ``[num_queries, num_negatives] long`` indices into ``pixel_class``.
@@ -64,7 +73,7 @@ def sample_negatives(pixel_class: torch.Tensor, class_probs: torch.Tensor, num_q
         ValueError: a class with positive probability has no candidate pixel.
     """
     num_classes = class_probs.shape[0]
-    counts = torch.bincount(pixel_class, minlength=num_classes)[:num_classes]
+    order, counts = group_by_class(pixel_class, num_classes) if grouped is None else grouped
     if bool(((class_probs > 0) & (counts.to(class_probs.device) == 0)).any()):
         raise ValueError('sample_negatives: a class with positive probability has no candidate pixels')
     device = generator.device if generator is not None else pixel_class.device
@@ -72,7 +81,6 @@ def sample_negatives(pixel_class: torch.Tensor, class_probs: torch.Tensor, num_q
     drawn = torch.multinomial(class_probs.float().to(device), total, replacement=True, generator=generator)
     uniform = torch.rand(total, generator=generator, device=device)
     drawn, uniform = drawn.to(pixel_class.device), uniform.to(pixel_class.device)
-    order = torch.argsort(pixel_class, stable=True)           # candidates grouped by class
     starts = torch.cumsum(counts, 0) - counts
     n_in_class = counts[drawn]
     offset = torch.minimum((uniform * n_in_class).long(), n_in_class - 1)
@@ -204,6 +212,7 @@ class AnatomicalContrastLoss(nn.Module):
             hard = valid & (prob_of_label < self.strong_threshold)                   # [B, *spatial]
             valid_pos = valid.flatten().nonzero().squeeze(1)                         # [M]
             valid_class = safe_labels.flatten()[valid_pos]
+            grouped = group_by_class(valid_class, num_classes)                       # shared by every class's draw
 
         # draw every class's queries and negatives first (in the order the random streams expect), then read the
         # student at all queries at once
@@ -216,7 +225,8 @@ class AnatomicalContrastLoss(nn.Module):
             query_pos = hard_c.flatten().nonzero().squeeze(1)[indices]
             with torch.no_grad(), torch.autocast(device_type=feats.device.type, enabled=False):
                 class_probs = negative_class_probs(prototypes, present, c, tau)
-                neg_idx = sample_negatives(valid_class, class_probs, self.num_queries, self.num_negatives, generator)
+                neg_idx = sample_negatives(valid_class, class_probs, self.num_queries, self.num_negatives, generator,
+                                           grouped)
             drawn.append((c, query_pos, query_weights, neg_idx))
         loss = feats.new_zeros((), dtype=torch.float32)
         if not drawn:
@@ -237,5 +247,5 @@ class AnatomicalContrastLoss(nn.Module):
         return loss / int(present.sum())
 
 
-__all__ = ['AnatomicalContrastLoss', 'uniform_query_sampler', 'negative_class_probs', 'sample_negatives',
-           'anco_valid_mask']
+__all__ = ['AnatomicalContrastLoss', 'uniform_query_sampler', 'negative_class_probs', 'group_by_class',
+           'sample_negatives', 'anco_valid_mask']

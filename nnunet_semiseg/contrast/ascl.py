@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from nnunet_semiseg.centres import uniform_centres
 from nnunet_semiseg.contrast.memory import FeatureQueue
@@ -34,6 +35,30 @@ def hungarian_assignment(centroids: torch.Tensor, centres: torch.Tensor) -> torc
     assignment = torch.empty(centroids.shape[0], dtype=torch.long)
     assignment[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
     return assignment.to(centroids.device)
+
+
+class _LogSumExpOfProducts(torch.autograd.Function):
+    """``lse [N] = logsumexp(a @ b.T, dim=1)`` for ``a [N, D]`` (with gradient) and a constant ``b [M, D]``, ``M >= 1``.
+
+    ``torch.logsumexp(a @ b.T, 1)`` keeps the ``[N, M]`` logits and, in the backward, makes three more ``[N, M]``
+    tensors (``x - lse``, its exp, the product with the gradient); here the forward exponentiates the logits in
+    place and keeps them, and the backward is one product, ``d lse_i / d a = sum_j softmax_ij b_j``, with the
+    softmax's row normalisation applied to its ``[N, D]`` result (a row scale commutes with the product)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        logits = a @ b.T                                                         # [N, M]
+        shift = logits.amax(1, keepdim=True)
+        weights = logits.sub_(shift).exp_()                                      # exp(logit - row max), in place
+        total = weights.sum(1)
+        ctx.save_for_backward(weights, total, b)
+        return total.log() + shift.squeeze(1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        weights, total, b = ctx.saved_tensors
+        return (grad / total).unsqueeze(1) * (weights @ b), None
 
 
 def sample_pixels_per_class(labels: torch.Tensor, num_classes: int, per_class: int = 256,
@@ -91,6 +116,12 @@ class AdaptiveSupervisedContrastLoss(nn.Module):
 
     ``pi`` is the Hungarian assignment of the EMA class centroids to the centres. Gradients reach only the student
     features; the teacher features, queue and centres are constants.
+
+    Computed without the ``[N, M]`` log-probabilities: with ``lse_i = log sum_j exp(logits_ij)``, every positive's
+    ``logp_i[j] = logits_i[j] - lse_i`` and the queue positives' logits sum to ``f_i . S_{y_i} / tau`` with ``S_c``
+    the sum of the queue features of class ``c``; the only ``[N, M]`` work left is ``lse`` over the queue (one
+    product each way). Same values and gradients as the written form to float32 rounding
+    (``tests/test_fast_paths_equal_reference.py``).
 
     One call (``update=True``, the training default) does, in order: (1) centroid EMA with this batch's detached
     student features, ``mu_c <- normalize(m mu_c + (1 - m) normalize(mean_{y_i = c} f_i))`` for each class present;
@@ -195,18 +226,31 @@ class AdaptiveSupervisedContrastLoss(nn.Module):
             self.num_updates += 1
 
         with torch.autocast(device_type=student.device.type, enabled=False):
-            f = F.normalize(student.float(), dim=1)
+            f = F.normalize(student.float(), dim=1) / tau                         # [N, D]: every logit is f.x
             with torch.no_grad():
                 g = F.normalize(teacher.detach().float(), dim=1)
-                queue_feats, queue_labels = self.queue.get()                      # [M, D], [M]
-                same_label = (queue_labels.unsqueeze(0) == labels.unsqueeze(1)).float()   # [N, M]
-                n_i = same_label.sum(1) + 2.0       # teacher view + same-label queue entries + the centre
-                target_col = 1 + queue_feats.shape[0] + self.assignment[labels]
-            logits = torch.cat([(f * g).sum(1, keepdim=True), f @ queue_feats.float().T, f @ self.centres.T], 1) / tau
-            log_prob = F.log_softmax(logits, dim=1)                                # [N, 1 + M + K]
-            positives = log_prob[:, 0] + (log_prob[:, 1:1 + queue_feats.shape[0]] * same_label).sum(1)
-            centre = log_prob.gather(1, target_col.unsqueeze(1)).squeeze(1)
-            loss = -((positives + self.lambda_centre * centre) / n_i).mean()
+                queue_feats, queue_labels = self.queue.get()   # [M, D], [M]: a copy, the push below writes the queue
+                # the queue positives of pixel i are the entries of class y_i, so their logits sum to
+                # f_i . (sum of the queue features of class y_i): K sums instead of an [N, M] mask
+                class_sums = queue_feats.new_zeros(self.num_classes, self.dim).index_add_(0, queue_labels,
+                                                                                          queue_feats.float())
+                class_counts = torch.bincount(queue_labels, minlength=self.num_classes).float()
+                in_queue = class_counts[labels]                                   # [N]
+                centre_col = self.assignment[labels].unsqueeze(1)
+            teacher_logit = (f * g).sum(1)                                        # [N]
+            centre_logits = f @ self.centres.T                                    # [N, K]
+            # log of the softmax denominator over [teacher | queue | centres], without concatenating the
+            # [N, 1 + M + K] logits; log_softmax(x)_j = x_j - lse, so each positive's log-probability is its
+            # logit minus lse
+            parts = [teacher_logit, torch.logsumexp(centre_logits, 1)]
+            if queue_feats.shape[0] > 0:
+                parts.append(_LogSumExpOfProducts.apply(f, queue_feats.float()))
+            lse = torch.logsumexp(torch.stack(parts, 1), 1)                       # [N]
+            queue_positives = (f * class_sums[labels]).sum(1)                     # [N]
+            centre = centre_logits.gather(1, centre_col).squeeze(1)
+            positives = teacher_logit + queue_positives + self.lambda_centre * centre \
+                - (1 + in_queue + self.lambda_centre) * lse
+            loss = -(positives / (in_queue + 2.0)).mean()   # n_i: teacher view + same-label queue entries + centre
         if update:
             self.queue.push(g, labels)
         return loss

@@ -1,4 +1,7 @@
-"""Trainer variants for the real-ACDC tuning log (docs/tuning.md); one change each."""
+"""Trainer variants for the real-ACDC tuning log (docs/tuning.md); one change each. nnU-Net records a trainer's
+init arguments by name, so each variant spells out nnU-Net's signature."""
+import torch
+
 from nnunet_semiseg.training.mona_arco import nnUNetTrainerARCO_SAG
 
 
@@ -6,6 +9,7 @@ class nnUNetTrainerARCO_SAG_noEqv(nnUNetTrainerARCO_SAG):
     """ARCO_SAG without MONA's equivariance term (not in the ARCO paper; issue 10 allows it as ARCO's default if it
     costs no accuracy)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.lambda_equivariance = 0.0

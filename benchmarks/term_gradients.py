@@ -1,0 +1,87 @@
+"""Size of each loss term's gradient on the network's weights, for a few training steps of a trainer on a planned
+dataset: which term drives the update. Prints one JSON line per step: each term's value and gradient norm (weight
+included), the norm of the summed gradient (nnU-Net clips it at 12) and the cosine between the supervised gradient
+and the sum of the others. A real optimizer step follows each measured one.
+
+    python benchmarks/term_gradients.py -d Dataset027_ACDC -p nnUNetPlans_cpu -tr nnUNetTrainerARCO_SAG \\
+        --phase finetune --init MODEL_FOLDER/fold_0/checkpoint_final.pth --set lambda_equivariance=0
+
+``--init`` starts student and teacher from a checkpoint (e.g. a plain nnU-Net model, standing in for the state a
+run reaches), so fine-tuning terms are measured with a teacher that segments; otherwise the weights are random.
+"""
+import argparse
+import json
+import os
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('-d', required=True, help='dataset folder name under nnUNet_preprocessed')
+    ap.add_argument('-c', default='2d')
+    ap.add_argument('-p', default='nnUNetPlans')
+    ap.add_argument('-tr', required=True)
+    ap.add_argument('--phase', choices=('pretrain', 'finetune'), default='finetune')
+    ap.add_argument('--init', help='checkpoint whose network weights start student and teacher')
+    ap.add_argument('--steps', type=int, default=3)
+    ap.add_argument('--set', nargs='*', default=[], metavar='ATTR=VALUE', help='trainer attributes (JSON values)')
+    args = ap.parse_args(argv)
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    from nnunet_semiseg.discovery import find_trainer
+    from nnunet_semiseg.training.base import SemiSegBatch
+    torch.manual_seed(0)
+    pre = join(nnUNet_preprocessed, args.d)
+    plans = load_json(join(pre, args.p + '.json'))
+    plans['continue_training'] = False
+    t = find_trainer(args.tr)(plans, args.c, 0, load_json(join(pre, 'dataset.json')), torch.device('cpu'))
+    t.num_epochs, t.num_iterations_per_epoch = 4, 250
+    t.disable_checkpointing = True
+    for item in args.set:
+        key, value = item.split('=', 1)
+        setattr(t, key, json.loads(value))
+    t.on_train_start()
+    if args.init:
+        t.network.load_state_dict(torch.load(args.init, map_location='cpu', weights_only=False)['network_weights'])
+        if hasattr(t, 'teacher'):
+            t.teacher.copy_from(t._student_bundle)
+    if hasattr(t, 'pretrain_iterations'):
+        t.semiseg_step = t.pretrain_iterations if args.phase == 'finetune' else 0
+    params = [p for p in t.network.parameters() if p.requires_grad]
+    for _ in range(args.steps):
+        batch = next(t.dataloader_train)
+        data, target = batch['data'], batch['target']
+        u = next(t.dataloader_unlabeled) if getattr(t, 'dataloader_unlabeled', None) is not None else None
+        weak, strong = (None, None) if u is None else (u['data_weak'], u['data_strong'])
+        t._features.clear()
+        x, rows = t.prepare_student_input(data, weak, strong)
+        out = t.network(x)
+        n = data.shape[0]
+        supervised = t.loss([o[:n] for o in out], target)
+        terms = {'supervised': (1.0, supervised),
+                 **t.compute_semisupervised_terms(SemiSegBatch(data, target, out, rows, weak, strong))}
+        grads, record = [], {'values': {}, 'grad_norms': {}}
+        for name, (w, v) in terms.items():
+            g = torch.autograd.grad(w * v, params, retain_graph=True, allow_unused=True)
+            grads.append(torch.cat([(gi if gi is not None else torch.zeros_like(p)).flatten()
+                                    for gi, p in zip(g, params)]))
+            record['values'][name] = round(float(v.detach()), 5)
+            record['grad_norms'][name] = round(float(grads[-1].norm()), 5)
+        total = torch.stack(grads).sum(0)
+        record['total_grad_norm'] = round(float(total.norm()), 5)
+        record['cos_supervised_rest'] = round(float(torch.nn.functional.cosine_similarity(
+            grads[0], total - grads[0], dim=0)), 4) if len(grads) > 1 else None
+        print(json.dumps(record), flush=True)
+        t.optimizer.zero_grad(set_to_none=True)
+        sum(w * v for w, v in terms.values()).backward()
+        torch.nn.utils.clip_grad_norm_(params, 12)
+        t.optimizer.step()
+        if hasattr(t, 'teacher'):
+            t.teacher.update(t._student_bundle)
+            t.semiseg_step += 1
+    os._exit(0)   # nnU-Net's loader threads would otherwise keep the process alive
+
+
+if __name__ == '__main__':
+    main()

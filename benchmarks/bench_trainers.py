@@ -50,29 +50,38 @@ def parse_trainer(spec: str):
     return name, attributes
 
 
-def measure(args) -> dict:
-    import numpy as np
-    import torch
+def build_trainer(spec: str, dataset, configuration: str, plans_name: str, device, epochs: int = 1000,
+                  iterations: int = 250):
+    """The trainer ``spec`` (``NAME[:attr=value,...]``) built as ``nnUNetv2_train`` builds it on a planned dataset
+    (ID or name), fold 0, attribute overrides set, the schedule ``epochs x iterations`` (phase lengths follow it),
+    no checkpoints. Shared by the scripts in ``benchmarks/``. Returns ``(name, trainer)``."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     from nnunet_semiseg.discovery import find_trainer
 
-    torch.manual_seed(0)
-    name, attributes = parse_trainer(args.single)
-    dataset = maybe_convert_to_dataset_name(args.dataset)
-    pre = os.path.join(str(nnUNet_preprocessed), dataset)
-    plans = load_json(os.path.join(pre, args.plans + '.json'))
+    name, attributes = parse_trainer(spec)
+    pre = os.path.join(str(nnUNet_preprocessed), maybe_convert_to_dataset_name(dataset))
+    plans = load_json(os.path.join(pre, plans_name + '.json'))
     plans['continue_training'] = False
-    device = torch.device(args.device)
-    trainer = find_trainer(name)(plans, args.configuration, 0, load_json(os.path.join(pre, 'dataset.json')), device)
+    trainer = find_trainer(name)(plans, configuration, 0, load_json(os.path.join(pre, 'dataset.json')), device)
     for key, value in attributes.items():
         if not hasattr(trainer, key):
             raise AttributeError(f'{name} has no attribute {key!r}')
         setattr(trainer, key, value)
-    trainer.num_epochs, trainer.num_iterations_per_epoch = 1000, 250
+    trainer.num_epochs, trainer.num_iterations_per_epoch = epochs, iterations
     trainer.disable_checkpointing = True
+    return name, trainer
+
+
+def measure(args) -> dict:
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    name, trainer = build_trainer(args.single, args.dataset, args.configuration, args.plans, device)
     trainer.on_train_start()
     two_stage = hasattr(trainer, 'pretrain_iterations')
     phases = [p for p in ('pretrain', 'finetune') if args.phase in ('both', p)] if two_stage else ['-']

@@ -3,6 +3,7 @@ markdown table for docs/benchmarks.md. The two-stage trainers are profiled in th
 ``--phase pretrain``. Shares are what to compare: on a loaded machine every absolute figure grows.
 
     python benchmarks/profile_step.py -d Dataset027_ACDC -c 2d -p nnUNetPlans_cpu -tr nnUNetTrainerMONA
+    python benchmarks/profile_step.py -d 27 -p nnUNetPlans_cpu -tr nnUNetTrainerMONA:lambda_equivariance=0
 """
 import argparse
 import os
@@ -10,28 +11,21 @@ import os
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('-d', required=True, help='dataset folder name under nnUNet_preprocessed')
+    ap.add_argument('-d', required=True, help='dataset ID or name, planned and preprocessed')
     ap.add_argument('-c', default='2d')
     ap.add_argument('-p', default='nnUNetPlans')
-    ap.add_argument('-tr', default='nnUNetTrainerMONA')
+    ap.add_argument('-tr', default='nnUNetTrainerMONA', help='NAME[:attr=value,...] as in bench_trainers.py')
     ap.add_argument('--phase', choices=('finetune', 'pretrain'), default='finetune')
     ap.add_argument('--rows', type=int, default=14)
     ap.add_argument('--warmup', type=int, default=2)
     args = ap.parse_args(argv)
     os.environ.setdefault('nnUNet_n_proc_DA', '0')   # augmentation in the main process: no worker in the profile
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json, join
-    from nnunetv2.paths import nnUNet_preprocessed
     from torch.profiler import ProfilerActivity, profile
 
-    from nnunet_semiseg.discovery import find_trainer
+    from bench_trainers import build_trainer
     torch.manual_seed(0)
-    pre = join(nnUNet_preprocessed, args.d)
-    plans = load_json(join(pre, args.p + '.json'))
-    plans['continue_training'] = False
-    trainer = find_trainer(args.tr)(plans, args.c, 0, load_json(join(pre, 'dataset.json')), torch.device('cpu'))
-    trainer.num_epochs, trainer.num_iterations_per_epoch = 1000, 250
-    trainer.disable_checkpointing = True
+    _, trainer = build_trainer(args.tr, args.d, args.c, args.p, torch.device('cpu'))
     trainer.on_train_start()
     if hasattr(trainer, 'pretrain_iterations') and args.phase == 'finetune':
         trainer.semiseg_step = trainer.pretrain_iterations

@@ -3,8 +3,8 @@ dataset: which term drives the update. Prints one JSON line per step: each term'
 included), the norm of the summed gradient (nnU-Net clips it at 12) and the cosine between the supervised gradient
 and the sum of the others. A real optimizer step follows each measured one.
 
-    python benchmarks/term_gradients.py -d Dataset027_ACDC -p nnUNetPlans_cpu -tr nnUNetTrainerARCO_SAG \\
-        --phase finetune --init MODEL_FOLDER/fold_0/checkpoint_final.pth --set lambda_equivariance=0
+    python benchmarks/term_gradients.py -d Dataset027_ACDC -p nnUNetPlans_cpu \\
+        -tr nnUNetTrainerARCO_SAG:lambda_equivariance=0 --phase finetune --init MODEL_FOLDER/fold_0/checkpoint_final.pth
 
 ``--init`` starts student and teacher from a checkpoint (e.g. a plain nnU-Net model, standing in for the state a
 run reaches), so fine-tuning terms are measured with a teacher that segments; otherwise the weights are random.
@@ -16,31 +16,20 @@ import os
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('-d', required=True, help='dataset folder name under nnUNet_preprocessed')
+    ap.add_argument('-d', required=True, help='dataset ID or name, planned and preprocessed')
     ap.add_argument('-c', default='2d')
     ap.add_argument('-p', default='nnUNetPlans')
-    ap.add_argument('-tr', required=True)
+    ap.add_argument('-tr', required=True, help='NAME[:attr=value,...] as in bench_trainers.py')
     ap.add_argument('--phase', choices=('pretrain', 'finetune'), default='finetune')
     ap.add_argument('--init', help='checkpoint whose network weights start student and teacher')
     ap.add_argument('--steps', type=int, default=3)
-    ap.add_argument('--set', nargs='*', default=[], metavar='ATTR=VALUE', help='trainer attributes (JSON values)')
     args = ap.parse_args(argv)
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import join, load_json
-    from nnunetv2.paths import nnUNet_preprocessed
 
-    from nnunet_semiseg.discovery import find_trainer
+    from bench_trainers import build_trainer
     from nnunet_semiseg.training.base import SemiSegBatch
     torch.manual_seed(0)
-    pre = join(nnUNet_preprocessed, args.d)
-    plans = load_json(join(pre, args.p + '.json'))
-    plans['continue_training'] = False
-    t = find_trainer(args.tr)(plans, args.c, 0, load_json(join(pre, 'dataset.json')), torch.device('cpu'))
-    t.num_epochs, t.num_iterations_per_epoch = 4, 250
-    t.disable_checkpointing = True
-    for item in args.set:
-        key, value = item.split('=', 1)
-        setattr(t, key, json.loads(value))
+    _, t = build_trainer(args.tr, args.d, args.c, args.p, torch.device('cpu'), epochs=4, iterations=250)
     t.on_train_start()
     if args.init:
         t.network.load_state_dict(torch.load(args.init, map_location='cpu', weights_only=False)['network_weights'])

@@ -24,3 +24,14 @@ class nnUNetTrainerMeanTeacher_w300(nnUNetTrainerMeanTeacher):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.consistency_weight = 300.0
+
+
+class nnUNetTrainerARCO_SAG_noEqv_ramp50(nnUNetTrainerARCO_SAG_noEqv):
+    """ARCO_SAG_noEqv with the pseudo-label loss ramped in (sigmoid) over the first half of fine-tuning: the teacher
+    at the start of fine-tuning is confidently wrong on much of the foreground (docs/tuning.md), and the term
+    carries 2-14x the supervised gradient from its first step."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unsup_rampup_fraction = 0.5

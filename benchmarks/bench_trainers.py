@@ -7,7 +7,9 @@ training steps (seconds per step, median or ``--statistic min``: labelled + unla
 losses, backward, optimizer and EMA update; the unlabelled batch is fetched inside the step, the labelled one
 before it, as nnU-Net's own loop does; validation is not run). The two-stage contrastive trainers are timed in both
 phases, relational pre-training and fine-tuning, and their **whole run** is the mean weighted by each phase's share
-of the iterations (``pretrain_fraction``); a single-phase trainer's whole run is its step. Peak memory:
+of the iterations (``pretrain_fraction``); a single-phase trainer's whole run is its step. The time a step waits
+for its unlabelled batch is measured too, and the step without that wait: on a machine whose cores also run the
+augmentation workers (the 2-core CPU boxes) the wait is part of the cost; where the workers keep up, it is not. Peak memory:
 ``torch.cuda.max_memory_allocated`` on CUDA, the process' peak resident set size on CPU (torch and nnU-Net's
 imports alone are most of a gigabyte).
 
@@ -75,6 +77,27 @@ def build_trainer(spec: str, dataset, configuration: str, plans_name: str, devic
     return name, trainer
 
 
+class TimedLoader:
+    """Wraps a data loader and records how long each ``next()`` waited (seconds), so a step's time splits into
+    waiting for the unlabelled batch and the rest; every other attribute is the loader's."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.waits = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        batch = next(self.loader)
+        self.waits.append(time.perf_counter() - t0)
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
 def measure(args) -> dict:
     import numpy as np
     import torch
@@ -88,39 +111,52 @@ def measure(args) -> dict:
     trainer.on_train_epoch_start()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    seconds, all_times = {}, {}
+    unlabeled = getattr(trainer, 'dataloader_unlabeled', None)
+    if unlabeled is not None:
+        trainer.dataloader_unlabeled = unlabeled = TimedLoader(unlabeled)
+    seconds, all_times, waits = {}, {}, {}
     for phase in phases:
         if phase == 'pretrain':
             trainer.semiseg_step = 0
         elif phase == 'finetune':
             trainer.semiseg_step = trainer.pretrain_iterations  # jump to the fine-tuning phase
-        times = []
+        times, step_waits = [], []
         for i in range(args.warmup + args.iterations):
             batch = next(trainer.dataloader_train)
             if device.type == 'cuda':
                 torch.cuda.synchronize()
+            n_waits = len(unlabeled.waits) if unlabeled is not None else 0
             t0 = time.perf_counter()
             trainer.train_step(batch)
             if device.type == 'cuda':
                 torch.cuda.synchronize()
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
+                step_waits.append(sum(unlabeled.waits[n_waits:]) if unlabeled is not None else 0.0)
         all_times[phase] = times
-        seconds[phase] = float(np.median(times) if args.statistic == 'median' else np.min(times))
+        stat = np.median if args.statistic == 'median' else np.min
+        seconds[phase] = float(stat(times))
+        # the unlabelled-batch wait of the typical step, and the step without it (same statistic, taken per step)
+        waits[phase] = {'wait_s': float(np.median(step_waits)),
+                        'without_wait_s': float(stat(np.subtract(times, step_waits)))}
     if device.type == 'cuda':
         peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
         import resource
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     share = trainer.pretrain_iterations / trainer.total_iterations if two_stage else 0.0
-    if two_stage and len(phases) == 2:
-        whole = share * seconds['pretrain'] + (1 - share) * seconds['finetune']
-    else:
-        whole = seconds[phases[0]]
+    def weighted(values):
+        if two_stage and len(phases) == 2:
+            return share * values['pretrain'] + (1 - share) * values['finetune']
+        return values[phases[0]]
+    whole = weighted(seconds)
+    whole_wait = weighted({k: v['wait_s'] for k, v in waits.items()})
+    whole_without_wait = weighted({k: v['without_wait_s'] for k, v in waits.items()})
     for loader in (trainer.dataloader_train, trainer.dataloader_val, getattr(trainer, 'dataloader_unlabeled', None)):
         if hasattr(loader, '_finish'):
             loader._finish()
     return {'trainer': args.single, 'seconds': seconds, 'times': all_times, 'pretrain_share': share, 'whole_s': whole,
+            'waits': waits, 'whole_wait_s': whole_wait, 'whole_without_wait_s': whole_without_wait,
             'peak_mb': peak_mb, 'batch': trainer.batch_size, 'patch': list(trainer.configuration_manager.patch_size)}
 
 
@@ -142,8 +178,8 @@ def table(rows, args) -> str:
              f'batch {base["batch"]} labelled (+ the same unlabelled), patch {base["patch"]}, '
              f'{args.iterations} timed iterations per phase after {args.warmup} warm-up, {args.statistic}',
              '| trainer | pre-training s/it | fine-tuning s/it | whole run s/it | x nnUNetTrainer | peak memory (MB) '
-             '| x nnUNetTrainer |',
-             '|---|---|---|---|---|---|---|']
+             '| x nnUNetTrainer | unlabelled-data wait s/it | without it: s/it | x nnUNetTrainer |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         pre, fine = r['seconds'].get('pretrain'), r['seconds'].get('finetune')
         cells = [f'{pre:.3f}' if pre is not None else '-', f'{fine:.3f}' if fine is not None else '-']
@@ -151,7 +187,11 @@ def table(rows, args) -> str:
         share = '' if pre is None or fine is None else f' ({r["pretrain_share"]:.2f} / {1 - r["pretrain_share"]:.2f})'
         lines.append(f'| {r["trainer"]} | {cells[0]} | {cells[1]} | {r["whole_s"]:.3f}{share} | '
                      f'{r["whole_s"] / base["whole_s"]:.2f} | {r["peak_mb"]:.0f} | '
-                     f'{r["peak_mb"] / base["peak_mb"]:.2f} |')
+                     f'{r["peak_mb"] / base["peak_mb"]:.2f} | {r["whole_wait_s"]:.3f} | '
+                     f'{r["whole_without_wait_s"]:.3f} | {r["whole_without_wait_s"] / base["whole_without_wait_s"]:.2f} |')
+    lines.append('Wait: the median time a step spent in next() on the unlabelled loader (plain nnU-Net has none; its '
+                 'labelled batch is fetched outside the timed step for every trainer). "Without it": the statistic '
+                 'of (step - its wait), i.e. compute when the augmentation workers keep up.')
     return '\n'.join(lines)
 
 

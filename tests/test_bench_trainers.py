@@ -1,0 +1,50 @@
+"""benchmarks/bench_trainers.py: the unlabelled-loader wait it records and the table it prints (no timing here)."""
+import argparse
+import importlib.util
+import os
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'bench_trainers.py')
+
+
+@pytest.fixture(scope='module')
+def bench():
+    spec = importlib.util.spec_from_file_location('bench_trainers', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_timed_loader_records_one_wait_per_batch_and_delegates(bench):
+    class Loader:
+        def __init__(self):
+            self.finished = False
+            self.items = iter(range(3))
+
+        def __next__(self):
+            return next(self.items)
+
+        def _finish(self):
+            self.finished = True
+
+    inner = Loader()
+    loader = bench.TimedLoader(inner)
+    assert [next(loader), next(loader)] == [0, 1]
+    assert len(loader.waits) == 2 and all(w >= 0 for w in loader.waits)
+    loader._finish()                       # nnU-Net's augmenters are shut down through the wrapper
+    assert inner.finished
+
+
+def test_table_multiples_with_and_without_the_wait(bench):
+    args = argparse.Namespace(dataset='27', configuration='2d', plans='p', device='cpu', iterations=4, warmup=1,
+                              statistic='median')
+    rows = [{'trainer': 'nnUNetTrainer', 'seconds': {'-': 0.5}, 'whole_s': 0.5, 'pretrain_share': 0.0,
+             'peak_mb': 1000.0, 'whole_wait_s': 0.0, 'whole_without_wait_s': 0.5, 'batch': 4, 'patch': [8, 8]},
+            {'trainer': 'nnUNetTrainerX', 'seconds': {'pretrain': 1.0, 'finetune': 2.0}, 'whole_s': 1.75,
+             'pretrain_share': 0.25, 'peak_mb': 1500.0, 'whole_wait_s': 0.25, 'whole_without_wait_s': 1.5,
+             'batch': 4, 'patch': [8, 8]}]
+    text = bench.table(rows, args)
+    assert '| nnUNetTrainerX | 1.000 | 2.000 | 1.750 (0.25 / 0.75) | 3.50 | 1500 | 1.50 | 0.250 | 1.500 | 3.00 |' \
+        in text
+    assert '| nnUNetTrainer | - | - | 0.500 | 1.00 | 1000 | 1.00 | 0.000 | 0.500 | 1.00 |' in text

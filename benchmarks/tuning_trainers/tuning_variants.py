@@ -35,3 +35,21 @@ class nnUNetTrainerARCO_SAG_noEqv_ramp50(nnUNetTrainerARCO_SAG_noEqv):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.unsup_rampup_fraction = 0.5
+
+
+class nnUNetTrainerMeanTeacher_w10(nnUNetTrainerMeanTeacher):
+    """Mean Teacher between the measured bounds: 0.1 is inert, 300 collapses (docs/tuning.md, runs 5 and 6)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.consistency_weight = 10.0
+
+
+class nnUNetTrainerMeanTeacher_w30(nnUNetTrainerMeanTeacher):
+    """Mean Teacher between the measured bounds: 0.1 is inert, 300 collapses (docs/tuning.md, runs 5 and 6)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.consistency_weight = 30.0

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-BASELINE = 'nnUNetTrainer'
+from nnunet_semiseg.benchmark.report import BASELINE, short_name
 
 
 def case_dice(metrics_file: str) -> Dict[str, Dict[str, float]]:
@@ -59,7 +59,7 @@ def report(runs, margin: float = 0.05) -> str:
     ref = plain[min(plain)] if plain else runs[0][2]
     cases = sorted(ref, key=lambda c: mean_dice(ref[c]))
     labels = sorted(next(iter(ref.values())), key=int)
-    names = [f'{t.replace("nnUNetTrainer", "") or "plain"} s{s}' for t, s, _ in runs]
+    names = [f'{short_name(t)} s{s}' for t, s, _ in runs]
     lines = ['Mean foreground Dice per case (cases sorted by plain nnU-Net, lowest first); in brackets Dice of '
              f'labels {"/".join(labels)}.', '',
              '| case | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(runs)]

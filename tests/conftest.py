@@ -14,6 +14,24 @@ for _var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
 
 import pytest  # noqa: E402
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='session')
+def load_script():
+    """``load_script('benchmarks/x.py')``: a script outside the package (benchmarks/, tuning variants) imported
+    as a module from its path relative to the repository root."""
+    import importlib.util
+
+    def load(relative_path: str):
+        path = os.path.join(REPO_ROOT, relative_path)
+        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
+
+
 PHANTOM_ID = 991
 PHANTOM_NAME = 'Dataset991_TestPhantom'
 TINY_PLANS = 'nnUNetPlans_tiny'

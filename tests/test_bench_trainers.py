@@ -1,19 +1,13 @@
 """benchmarks/bench_trainers.py: the unlabelled-loader wait it records and the table it prints (no timing here)."""
 import argparse
-import importlib.util
 import os
 
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'bench_trainers.py')
-
 
 @pytest.fixture(scope='module')
-def bench():
-    spec = importlib.util.spec_from_file_location('bench_trainers', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_script):
+    return load_script('benchmarks/bench_trainers.py')
 
 
 def test_timed_loader_records_one_wait_per_batch_and_delegates(bench):

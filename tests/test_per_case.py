@@ -1,19 +1,13 @@
 """benchmarks/per_case.py: per-case Dice tables of a benchmark folder, paired to plain nnU-Net by seed."""
-import importlib.util
 import json
 import os
 
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'per_case.py')
-
 
 @pytest.fixture(scope='module')
-def per_case():
-    spec = importlib.util.spec_from_file_location('per_case', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def per_case(load_script):
+    return load_script('benchmarks/per_case.py')
 
 
 def _run(out, trainer, seed, dice_by_case):

@@ -27,7 +27,6 @@ def main(argv=None) -> None:
     import torch
 
     from bench_trainers import build_trainer
-    from nnunet_semiseg.training.base import SemiSegBatch
     torch.manual_seed(0)
     _, t = build_trainer(args.tr, args.d, args.c, args.p, torch.device('cpu'), epochs=4, iterations=250)
     t.on_train_start()
@@ -43,13 +42,8 @@ def main(argv=None) -> None:
         data, target = batch['data'], batch['target']
         u = next(t.dataloader_unlabeled) if getattr(t, 'dataloader_unlabeled', None) is not None else None
         weak, strong = (None, None) if u is None else (u['data_weak'], u['data_strong'])
-        t._features.clear()
-        x, rows = t.prepare_student_input(data, weak, strong)
-        out = t.network(x)
-        n = data.shape[0]
-        supervised = t.loss([o[:n] for o in out], target)
-        terms = {'supervised': (1.0, supervised),
-                 **t.compute_semisupervised_terms(SemiSegBatch(data, target, out, rows, weak, strong))}
+        supervised, method_terms = t.step_losses(data, target, weak, strong)
+        terms = {'supervised': (1.0, supervised), **method_terms}
         grads, record = [], {'values': {}, 'grad_norms': {}}
         for name, (w, v) in terms.items():
             g = torch.autograd.grad(w * v, params, retain_graph=True, allow_unused=True)

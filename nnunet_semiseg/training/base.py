@@ -315,14 +315,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         saved_buffers = self._buffer_snapshot()
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
-            self._features.clear()
-            x, rows = self.prepare_student_input(data, data_weak, data_strong)
-            output = self.network(x)
-            n = data.shape[0]
-            output_labeled = [o[:n] for o in output] if isinstance(output, (list, tuple)) else output[:n]
-            supervised = self.loss(output_labeled, target)
-            step = SemiSegBatch(data, target, output, rows, data_weak, data_strong)
-            terms = self.compute_semisupervised_terms(step)
+            supervised, terms = self.step_losses(data, target, data_weak, data_strong)
             total = supervised
             for weight, value in terms.values():
                 total = total + weight * value
@@ -343,6 +336,20 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         out.update({name: np.array(np.nan, dtype=np.float32) for name in self.loss_term_names})
         out.update({k: torch.as_tensor(v).detach().float().cpu().numpy() for k, (_, v) in terms.items()})
         return out
+
+    def step_losses(self, data: torch.Tensor, target: Output, data_weak: Optional[torch.Tensor],
+                    data_strong: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, Tuple[float, torch.Tensor]]]:
+        """The one student forward of a step and its losses: ``(supervised, {name: (weight, value)})``, not yet
+        summed. Tensors already on the device; no backward, optimizer or teacher update (benchmarks/term_gradients.py
+        takes each term's gradient from it)."""
+        self._features.clear()
+        x, rows = self.prepare_student_input(data, data_weak, data_strong)
+        output = self.network(x)
+        n = data.shape[0]
+        output_labeled = [o[:n] for o in output] if isinstance(output, (list, tuple)) else output[:n]
+        supervised = self.loss(output_labeled, target)
+        terms = self.compute_semisupervised_terms(SemiSegBatch(data, target, output, rows, data_weak, data_strong))
+        return supervised, terms
 
     def _optimizer_step(self, total: torch.Tensor) -> None:
         params = self._trainable_parameters()

@@ -11,6 +11,8 @@ export PYTHONUNBUFFERED=1
 T0=$(date +%s); BUDGET=${BUDGET:-560}; DEADLINE=$((T0 + BUDGET))
 DEV=${DEV:-cuda}; NP=${NP:-16}
 left() { echo $((DEADLINE - $(date +%s))); }
+# a timeout of at least 1 s: `timeout 0` would mean no limit at all
+limit() { local s=$1; [ "$s" -lt 1 ] && s=1; echo $s; }
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a $OUT/steps.log; }
 SITE=${SITE:-/root/site}; WHEELS=${WHEELS:-.whl2}; DATA1=${DATA1:-.dev1}; DATA2=${DATA2:-.dev2}
 if [ -d $WHEELS ] && [ -z "${SKIP_INSTALL:-}" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE $WHEELS/*.whl 2>&1 | tail -3; fi
@@ -31,7 +33,7 @@ python3 -m nnunet_semiseg.cli preprocess-unlabeled -d 27 -c 2d -np $NP >> $OUT/p
 stamp "preprocessed: $(ls $nnUNet_preprocessed/$D/nnUNetPlans_2d | wc -l) + $(ls $nnUNet_preprocessed/$D/nnUNetPlans_2d_unlabeled 2>/dev/null | wc -l) files"
 # 1. cost per step, full plans, AMP (issue 10); capped so the accuracy runs keep their share
 BT=${BENCH_TRAINERS:-nnUNetTrainer nnUNetTrainerMeanTeacher nnUNetTrainerARCO_SAG nnUNetTrainerARCO_SAG:lambda_equivariance=0 nnUNetTrainerACTIONpp nnUNetTrainerACTION nnUNetTrainerMONA nnUNetTrainerMONA:lambda_equivariance=0 nnUNetTrainerARCO_SG}
-timeout $(( $(left) * 7 / 20 )) python3 benchmarks/bench_trainers.py -d 27 -c 2d -p nnUNetPlans --device $DEV \
+timeout $(limit $(( $(left) * 7 / 20 ))) python3 benchmarks/bench_trainers.py -d 27 -c 2d -p nnUNetPlans --device $DEV \
   --iterations ${BENCH_IT:-8} --warmup ${BENCH_WU:-2} --trainers $BT --json $OUT/bench_gpu.json > $OUT/bench_gpu.md 2>> $OUT/prep.log
 stamp "bench_trainers rc=$?"; cat $OUT/bench_gpu.md; grep -a "measured\|failed\|Error\|error" $OUT/prep.log | tail -15 | cut -c1-400
 # 2. accuracy: plain vs ARCO_SAG vs MeanTeacher, full plans, a schedule sized from the step times just measured
@@ -48,7 +50,7 @@ print(max(int(sys.argv[3]), min(int(sys.argv[4]), int(budget / per_it / 4) // 5 
 P
 )
 stamp "benchmark: 4 x $IT iterations, $(left) s left"
-timeout $(( $(left) - 15 )) python3 -m nnunet_semiseg.cli benchmark -d 27 -c 2d --preset ${PRESET:-full} --device $DEV --epochs 4 --iterations $IT \
+timeout $(limit $(( $(left) - 15 ))) python3 -m nnunet_semiseg.cli benchmark -d 27 -c 2d --preset ${PRESET:-full} --device $DEV --epochs 4 --iterations $IT \
   --val-iterations ${VAL_IT:-10} -tr nnUNetTrainerARCO_SAG nnUNetTrainerMeanTeacher -o $W/bench > $OUT/benchmark.log 2>&1
 stamp "benchmark rc=$?"
 tail -25 $OUT/benchmark.log

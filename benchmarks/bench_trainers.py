@@ -11,7 +11,10 @@ of the iterations (``pretrain_fraction``); a single-phase trainer's whole run is
 for its unlabelled batch is measured too, and the step without that wait: on a machine whose cores also run the
 augmentation workers (the 2-core CPU boxes) the wait is part of the cost; where the workers keep up, it is not. Peak memory:
 ``torch.cuda.max_memory_allocated`` on CUDA, the process' peak resident set size on CPU (torch and nnU-Net's
-imports alone are most of a gigabyte).
+imports alone are most of a gigabyte). On CPU the table also gives **peak tensor memory** (``tensor_memory.py``: the
+tensors alive plus the highest point of a profiled extra step's allocations, the second of two, per phase, the
+larger phase counted),
+the figure that compares with the GPU's, where only tensors count.
 
 A trainer may carry attribute overrides, ``NAME:attr=value[,attr=value]`` (values as JSON), e.g.
 ``nnUNetTrainerMONA:lambda_equivariance=0``: they are set after the trainer is built, as a subclass would.
@@ -115,6 +118,7 @@ def measure(args) -> dict:
     if unlabeled is not None:
         trainer.dataloader_unlabeled = unlabeled = TimedLoader(unlabeled)
     seconds, all_times, waits = {}, {}, {}
+    tensor_peak_mb = 0.0
     for phase in phases:
         if phase == 'pretrain':
             trainer.semiseg_step = 0
@@ -134,13 +138,18 @@ def measure(args) -> dict:
                 times.append(time.perf_counter() - t0)
                 step_waits.append(sum(unlabeled.waits[n_waits:]) if unlabeled is not None else 0.0)
         all_times[phase] = times
+        if device.type == 'cpu' and args.tensor_memory:   # two more, profiled steps: not among the timed ones
+            from tensor_memory import peak_tensor_bytes
+            batch = next(trainer.dataloader_train)
+            tensor_peak_mb = max(tensor_peak_mb,
+                                 peak_tensor_bytes(lambda: trainer.train_step(batch), repeat=True) / 2 ** 20)
         stat = np.median if args.statistic == 'median' else np.min
         seconds[phase] = float(stat(times))
         # the unlabelled-batch wait of the typical step, and the step without it (same statistic, taken per step)
         waits[phase] = {'wait_s': float(np.median(step_waits)),
                         'without_wait_s': float(stat(np.subtract(times, step_waits)))}
     if device.type == 'cuda':
-        peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20
+        peak_mb = tensor_peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20
     else:
         import resource
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -157,7 +166,7 @@ def measure(args) -> dict:
             loader._finish()
     return {'trainer': args.single, 'seconds': seconds, 'times': all_times, 'pretrain_share': share, 'whole_s': whole,
             'waits': waits, 'whole_wait_s': whole_wait, 'whole_without_wait_s': whole_without_wait,
-            'peak_mb': peak_mb, 'batch': trainer.batch_size, 'patch': list(trainer.configuration_manager.patch_size)}
+            'peak_mb': peak_mb, 'tensor_peak_mb': tensor_peak_mb or None, 'batch': trainer.batch_size, 'patch': list(trainer.configuration_manager.patch_size)}
 
 
 def make_phantom(root: str) -> None:
@@ -174,12 +183,15 @@ def make_phantom(root: str) -> None:
 
 def table(rows, args) -> str:
     base = next((r for r in rows if r['trainer'] == 'nnUNetTrainer'), rows[0])
+    # CPU runs: RSS and, beside it, the tensors alone (on CUDA the two are the same figure)
+    tensors = args.device == 'cpu' and all(r.get('tensor_peak_mb') for r in rows)
     lines = [f'dataset {args.dataset}, {args.configuration}, plans {args.plans}, device {args.device}, '
              f'batch {base["batch"]} labelled (+ the same unlabelled), patch {base["patch"]}, '
              f'{args.iterations} timed iterations per phase after {args.warmup} warm-up, {args.statistic}',
              '| trainer | pre-training s/it | fine-tuning s/it | whole run s/it | x nnUNetTrainer | peak memory (MB) '
-             '| x nnUNetTrainer | unlabelled-data wait s/it | without it: s/it | x nnUNetTrainer |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+             '| x nnUNetTrainer | unlabelled-data wait s/it | without it: s/it | x nnUNetTrainer |'
+             + (' peak tensors (MB) | x nnUNetTrainer |' if tensors else ''),
+             '|---|---|---|---|---|---|---|---|---|---|' + ('---|---|' if tensors else '')]
     for r in rows:
         pre, fine = r['seconds'].get('pretrain'), r['seconds'].get('finetune')
         cells = [f'{pre:.3f}' if pre is not None else '-', f'{fine:.3f}' if fine is not None else '-']
@@ -188,10 +200,14 @@ def table(rows, args) -> str:
         lines.append(f'| {r["trainer"]} | {cells[0]} | {cells[1]} | {r["whole_s"]:.3f}{share} | '
                      f'{r["whole_s"] / base["whole_s"]:.2f} | {r["peak_mb"]:.0f} | '
                      f'{r["peak_mb"] / base["peak_mb"]:.2f} | {r["whole_wait_s"]:.3f} | '
-                     f'{r["whole_without_wait_s"]:.3f} | {r["whole_without_wait_s"] / base["whole_without_wait_s"]:.2f} |')
+                     f'{r["whole_without_wait_s"]:.3f} | {r["whole_without_wait_s"] / base["whole_without_wait_s"]:.2f} |'
+                     + (f' {r["tensor_peak_mb"]:.0f} | {r["tensor_peak_mb"] / base["tensor_peak_mb"]:.2f} |'
+                        if tensors else ''))
     lines.append('Wait: the median time a step spent in next() on the unlabelled loader (plain nnU-Net has none; its '
                  'labelled batch is fetched outside the timed step for every trainer). "Without it": the statistic '
-                 'of (step - its wait), i.e. compute when the augmentation workers keep up.')
+                 'of (step - its wait), i.e. compute when the augmentation workers keep up.'
+                 + (' Peak memory: resident set size; peak tensors: tensors alone (tensor_memory.py), what a GPU '
+                    'counts.' if tensors else ''))
     return '\n'.join(lines)
 
 
@@ -208,6 +224,8 @@ def main():
     p.add_argument('--statistic', choices=['median', 'min'], default='median',
                    help='of the timed steps of a phase; min (best of N) discounts steps slowed by other processes')
     p.add_argument('--device', default='cpu')
+    p.add_argument('--no-tensor-memory', dest='tensor_memory', action='store_false',
+                   help='on CPU, skip the profiled step that measures peak tensor memory')
     p.add_argument('--json', default=None, help='also write the measurements to this file')
     p.add_argument('--single', default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -232,6 +250,8 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), '--single', trainer, '-d', args.dataset, '-c',
                args.configuration, '-p', args.plans, '--iterations', str(args.iterations), '--warmup',
                str(args.warmup), '--phase', args.phase, '--device', args.device, '--statistic', args.statistic]
+        if not args.tensor_memory:
+            cmd.append('--no-tensor-memory')
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
         if out.returncode != 0 or not line:

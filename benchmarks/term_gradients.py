@@ -43,6 +43,9 @@ def main(argv=None) -> None:
         u = next(t.dataloader_unlabeled) if getattr(t, 'dataloader_unlabeled', None) is not None else None
         weak, strong = (None, None) if u is None else (u['data_weak'], u['data_strong'])
         supervised, method_terms = t.step_losses(data, target, weak, strong)
+        if getattr(t, 'wants_second_pass', lambda: False)():   # terms run in their own forward (separate graph)
+            t._features.clear()
+            method_terms.update(t.second_pass_terms())
         terms = {'supervised': (1.0, supervised), **method_terms}
         grads, record = [], {'values': {}, 'grad_norms': {}}
         for name, (w, v) in terms.items():

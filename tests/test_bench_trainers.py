@@ -42,3 +42,19 @@ def test_table_multiples_with_and_without_the_wait(bench):
     assert '| nnUNetTrainerX | 1.000 | 2.000 | 1.750 (0.25 / 0.75) | 3.50 | 1500 | 1.50 | 0.250 | 1.500 | 3.00 |' \
         in text
     assert '| nnUNetTrainer | - | - | 0.500 | 1.00 | 1000 | 1.00 | 0.000 | 0.500 | 1.00 |' in text
+
+
+def test_table_on_cpu_adds_peak_tensor_memory_beside_rss(bench):
+    args = argparse.Namespace(dataset='27', configuration='2d', plans='p', device='cpu', iterations=4, warmup=1,
+                              statistic='median')
+    rows = [{'trainer': 'nnUNetTrainer', 'seconds': {'-': 0.5}, 'whole_s': 0.5, 'pretrain_share': 0.0,
+             'peak_mb': 1000.0, 'tensor_peak_mb': 200.0, 'whole_wait_s': 0.0, 'whole_without_wait_s': 0.5,
+             'batch': 4, 'patch': [8, 8]},
+            {'trainer': 'nnUNetTrainerY', 'seconds': {'-': 1.0}, 'whole_s': 1.0, 'pretrain_share': 0.0,
+             'peak_mb': 1300.0, 'tensor_peak_mb': 500.0, 'whole_wait_s': 0.0, 'whole_without_wait_s': 1.0,
+             'batch': 4, 'patch': [8, 8]}]
+    text = bench.table(rows, args)
+    assert '| nnUNetTrainerY | - | - | 1.000 | 2.00 | 1300 | 1.30 | 0.000 | 1.000 | 2.00 | 500 | 2.50 |' in text
+    assert 'peak tensors (MB)' in text
+    # on CUDA the allocator's peak is already the tensors' peak: no second column
+    assert 'peak tensors' not in bench.table(rows, argparse.Namespace(**dict(vars(args), device='cuda')))

@@ -13,7 +13,10 @@ decoder features (design §4, §5). It does the plumbing once; a method's traine
 What the base guarantees:
 
 * one student forward over ``cat(labelled, unlabelled strong view)`` per step (two forwards before one backward
-  break DDP); the supervised loss is nnU-Net's own ``self.loss`` on the labelled part, deep supervision included;
+  break DDP); the supervised loss is nnU-Net's own ``self.loss`` on the labelled part, deep supervision included.
+  A trainer may add a *second pass* (:meth:`~nnUNetTrainerSemiSupervised.second_pass_terms`): rows whose terms
+  read the first pass only without gradient run after its backward, so the step's gradient is the same and its
+  peak memory holds one graph instead of both (MONA's equivariance rows);
 * the teacher (:class:`~nnunet_semiseg.teacher.EMATeacher`) lives outside ``self.network``, so
   ``network_weights`` in every checkpoint is exactly what nnU-Net's ``build_network_architecture`` builds and plain
   ``nnUNetv2_predict`` loads it; the teacher also averages the modules named in ``ema_module_names``;
@@ -63,6 +66,13 @@ Output = Union[torch.Tensor, List[torch.Tensor]]
 class NonFiniteLossError(FloatingPointError):
     """Training stopped: too many consecutive steps had a non-finite loss. The message names the term, the step and
     the last batch's cases."""
+
+
+def _weighted_sum(start: torch.Tensor, terms: Dict[str, Tuple[float, torch.Tensor]]) -> torch.Tensor:
+    total = start
+    for weight, value in terms.values():
+        total = total + weight * value
+    return total
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -141,6 +151,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self._student_bundle: Optional[nn.ModuleDict] = None
         self._features: Dict[Tuple[str, object], torch.Tensor] = {}
         self._teacher_restored = False
+        self._batch_statistics: Optional[bool] = None
 
         local = SemiSegLocalLogger()
         local.my_fantastic_logging = self.logger.local_logger.my_fantastic_logging
@@ -314,19 +325,31 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         # back. A copy of every buffer (banks: tens of MB) is cheaper than a forward and needs no module's help.
         saved_buffers = self._buffer_snapshot()
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
-            supervised, terms = self.step_losses(data, target, data_weak, data_strong)
-            total = supervised
-            for weight, value in terms.values():
-                total = total + weight * value
+        second_pass = self.wants_second_pass()
+        # with a second pass the first backward accumulates locally; the second's all-reduce carries both under DDP
+        with self.network.no_sync() if second_pass and self.is_ddp else dummy_context():
+            with self._autocast():
+                supervised, terms = self.step_losses(data, target, data_weak, data_strong)
+                total = _weighted_sum(supervised, terms)
+            failed = self._nonfinite_terms(supervised, terms, total)
+            if second_pass and not failed:
+                self._backward(total)        # frees the first pass's graph before the second forward
+        if second_pass and not failed:
+            self._features.clear()
+            with self._autocast():
+                more = self.second_pass_terms()
+                extra = _weighted_sum(torch.zeros((), device=self.device), more)
+            failed = self._nonfinite_terms(supervised, more, extra)
+            terms.update(more)
+            total = total.detach() + extra
 
-        failed = self._nonfinite_terms(supervised, terms, total)
         if failed:
+            self.optimizer.zero_grad(set_to_none=True)   # a first pass's gradients go with the step
             self._restore_buffers(saved_buffers)
             self._skip_nonfinite_step(failed, case_ids)
         else:
             self._nonfinite_in_a_row = 0
-            self._optimizer_step(total)
+            self._optimizer_step(extra if second_pass else total)
             self.teacher.update(self._student_bundle)
         self.semiseg_step += 1
         out = {'loss': total.detach().cpu().numpy(), 'supervised': supervised.detach().cpu().numpy(),
@@ -351,18 +374,41 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         terms = self.compute_semisupervised_terms(SemiSegBatch(data, target, output, rows, data_weak, data_strong))
         return supervised, terms
 
+    def wants_second_pass(self) -> bool:
+        """Whether this step runs :meth:`second_pass_terms` after the backward of the first pass (none by default)."""
+        return False
+
+    def second_pass_terms(self) -> Dict[str, Tuple[float, torch.Tensor]]:
+        """Terms whose student rows run in a forward of their own, after the first pass's backward has freed its
+        graph: ``{name: (weight, value)}``. Only for terms that read nothing of the first pass with gradient (targets
+        detached), so the summed gradient is the one-pass gradient while the peak memory holds one graph, not both."""
+        return {}
+
+    def rows_share_batch_statistics(self) -> bool:
+        """Whether the student normalises with batch statistics (BatchNorm): then its rows couple within a forward
+        and must not be split into passes. nnU-Net's networks use instance norm."""
+        if self._batch_statistics is None:
+            self._batch_statistics = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                         for m in self.student_network().modules())
+        return self._batch_statistics
+
+    def _autocast(self):
+        return autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+
     def _optimizer_step(self, total: torch.Tensor) -> None:
+        """Backward of ``total`` (added to what a first pass left in ``.grad``), then nnU-Net's clip and step."""
         params = self._trainable_parameters()
+        self._backward(total)
+        self._allreduce_semiseg_grads()
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(total).backward()
-            self._allreduce_semiseg_grads()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(params, 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            total.backward()
-            self._allreduce_semiseg_grads()
             torch.nn.utils.clip_grad_norm_(params, 12)
             self.optimizer.step()
 

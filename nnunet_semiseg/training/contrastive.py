@@ -13,7 +13,10 @@ strong (CutMix-ed) unlabelled view, pseudo-labels from the teacher on the weak v
 
 Every step: one teacher forward over ``cat(labelled, weak unlabelled)`` (pseudo-labels, teacher features; ACTION's
 fine-tuning reads the unlabelled rows only and runs the teacher on them alone), then one student forward over
-``cat(labelled, strong unlabelled[, equivariance view])``. The representation heads are read only where the losses
+``cat(labelled, strong unlabelled)``. MONA/ARCO's 2D equivariance view of those rows runs in a second student
+forward after the first backward (its target is the first pass's detached logits, so the gradient is the one-forward
+gradient at the peak memory of one graph; ``equivariance_second_pass = False`` runs it in the first forward, as the
+released code does). The representation heads are read only where the losses
 read them (:class:`~nnunet_semiseg.heads.RepresentationMap`): anchors, queries and spatial means of the student map;
 the teacher map, whose prototypes and bank negatives span the batch, is computed whole, without gradient.
 """
@@ -263,6 +266,9 @@ class PixelContrastMethod(nnUNetTrainerContrastiveBase):
         spatial_dims = len(self.configuration_manager.patch_size)
         self.lambda_contrast, self.lambda_nn = 0.01, 1.0
         self.lambda_equivariance = 1.0 if spatial_dims == 2 else 0.0  # the 2D code's term; 0 in 3D (spec B9)
+        # the equivariance rows' own forward after the first backward: same gradient, one graph's peak memory
+        # (docs/benchmarks.md); False: one forward over all rows, as the released code runs it
+        self.equivariance_second_pass = True
         self.contrast_temperature, self.num_queries, self.num_negatives = 0.5, 256, 512
         self.negative_mode = 'bank'          # the intended U2PL bank, fixed (spec §3.3 u2pl_fixed); or 'paper'
         self.negative_bank_size = 30000
@@ -280,14 +286,30 @@ class PixelContrastMethod(nnUNetTrainerContrastiveBase):
             'equivariance': EquivarianceLoss(),
         }
 
+    def wants_second_pass(self) -> bool:
+        return (not self.in_pretraining and self.lambda_equivariance > 0 and self.equivariance_second_pass
+                and not self.rows_share_batch_statistics())
+
     def append_student_rows(self, x, rows):
         if self.lambda_equivariance <= 0:
             return x, rows
         eqv = self.semiseg_modules['equivariance']
         theta = eqv.make_transform(x.shape, None, device=x.device)
         self._cache['theta'] = theta
+        if self.wants_second_pass():
+            self._cache['equivariance_input'] = x       # warped and run in second_pass_terms
+            return x, rows
         n = x.shape[0]
         return torch.cat((x, eqv.warp(x, theta))), dict(rows, equivariance=slice(n, 2 * n))
+
+    def second_pass_terms(self):
+        """The equivariance term: the student on the warped rows against the warped, detached first-pass logits."""
+        eqv = self.semiseg_modules['equivariance']
+        x, theta = self._cache.pop('equivariance_input'), self._cache['theta']
+        target, mask = self._cache.pop('equivariance_target')
+        output = self.network(eqv.warp(x, theta))
+        logits = output[0] if isinstance(output, (list, tuple)) else output
+        return {'equivariance': (self.lambda_equivariance, eqv(logits.float(), target, mask))}
 
     def finetune_terms(self, batch):
         mods = self.semiseg_modules
@@ -313,8 +335,11 @@ class PixelContrastMethod(nnUNetTrainerContrastiveBase):
             base_rows = slice(0, labels.shape[0])
             target = eqv.warp(batch.logits('all')[base_rows].detach().float(), theta)
             mask = eqv.warp(eqv.confidence_mask(labels, conf), theta)
-            terms['equivariance'] = (self.lambda_equivariance,
-                                     eqv(batch.logits('equivariance').float(), target, mask))
+            if 'equivariance' in batch.rows:
+                terms['equivariance'] = (self.lambda_equivariance,
+                                         eqv(batch.logits('equivariance').float(), target, mask))
+            else:
+                self._cache['equivariance_target'] = (target, mask)
         return terms
 
 

@@ -1,0 +1,129 @@
+"""The base trainer's second pass (MONA/ARCO's equivariance rows in a forward of their own, after the first pass's
+backward): the same step as one forward over all rows (gradients, update, logged terms), a lower peak of tensor
+memory, a non-finite second pass skips the whole step, and batch-statistics networks keep one pass."""
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_trainer
+
+
+def _finetuning_mona(phantom, fold=0, bank=30000, repeat_rows=1):
+    trainer = make_trainer(phantom, 'nnUNetTrainerMONA', '2d', epochs=3, iterations=2, fold=fold)
+    trainer.num_queries, trainer.num_negatives, trainer.negative_bank_size = 32, 64, bank
+    trainer.on_train_start()
+    trainer.semiseg_step = trainer.pretrain_iterations                       # fine-tuning phase
+    batch, unlabeled = next(trainer.dataloader_train), next(trainer.dataloader_unlabeled)
+    if repeat_rows > 1:         # a larger batch of the same rows, so that activations outweigh fixed costs
+        batch = {'data': batch['data'].repeat(repeat_rows, 1, 1, 1),
+                 'target': [t.repeat(repeat_rows, 1, 1, 1) for t in batch['target']]}
+        unlabeled = {k: unlabeled[k].repeat(repeat_rows, 1, 1, 1) for k in ('data_weak', 'data_strong')}
+    for loader in (trainer.dataloader_train, trainer.dataloader_val, trainer.dataloader_unlabeled):
+        if hasattr(loader, '_finish'):
+            loader._finish()
+    trainer.dataloader_unlabeled = itertools.repeat(unlabeled)              # every step: the same unlabelled batch
+    return trainer, batch
+
+
+def _state(trainer):
+    state = {f'network.{k}': v for k, v in trainer.network.state_dict().items()}
+    state.update({f'teacher.{k}': v for k, v in trainer.teacher.state_dict().items()})
+    state.update({f'modules.{k}': v for k, v in trainer.semiseg_modules.state_dict().items()})
+    for i, group in trainer.optimizer.state_dict()['state'].items():
+        state.update({f'optimizer.{i}.{k}': torch.as_tensor(v) for k, v in group.items() if v is not None})
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _load(trainer, snapshot):
+    trainer.network.load_state_dict(snapshot['network'])
+    trainer.teacher.load_state_dict(snapshot['teacher'])
+    trainer.semiseg_modules.load_state_dict(snapshot['modules'])
+    trainer.optimizer.load_state_dict(snapshot['optimizer'])
+    trainer.semiseg_step = snapshot['step']
+
+
+def _snapshot(trainer):
+    return copy.deepcopy({'network': trainer.network.state_dict(), 'teacher': trainer.teacher.state_dict(),
+                          'modules': trainer.semiseg_modules.state_dict(),
+                          'optimizer': trainer.optimizer.state_dict(), 'step': trainer.semiseg_step})
+
+
+def test_second_pass_step_equals_the_one_pass_step(phantom):
+    trainer, batch = _finetuning_mona(phantom)
+    start = _snapshot(trainer)
+    runs = {}
+    for second in (False, True):
+        _load(trainer, start)
+        trainer.equivariance_second_pass = second
+        assert trainer.wants_second_pass() == second
+        outs = []
+        for seed in (0, 1):                     # two steps: the second reads the momentum and banks of the first
+            torch.manual_seed(seed)
+            outs.append(trainer.train_step(batch))
+        runs[second] = outs, _state(trainer)
+    (outs_one, state_one), (outs_two, state_two) = runs[False], runs[True]
+    for a, b in zip(outs_one, outs_two):
+        assert not a['nonfinite_skipped'] and not b['nonfinite_skipped']
+        for key in ('loss', 'supervised', 'equivariance', 'contrast', 'unsup', 'nearest_neighbour'):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), key
+    assert float(outs_two[0]['equivariance']) > 0
+    assert state_one.keys() == state_two.keys()
+    for key, one in state_one.items():
+        # momentum buffers hold the (clipped) gradients: 1e-4 of each tensor's largest entry, float32 sums in
+        # another order; weights, teacher and banks: after two SGD steps of lr 1e-2, to 1e-6
+        tolerance = 1e-4 * float(one.float().abs().max()) + 1e-7 if 'momentum' in key else 1e-6
+        assert float((state_two[key].float() - one.float()).abs().max()) <= tolerance, key
+
+
+def test_second_pass_lowers_the_peak_of_tensor_memory(phantom, load_script):
+    tensor_memory = load_script('benchmarks/tensor_memory.py')
+    # 16 + 16 rows and a bank of 500 negatives: at the phantom's 32 x 32 patches the activations of 4 + 4 rows
+    # weigh less than the heads' gradients and the default bank of 30 000
+    trainer, batch = _finetuning_mona(phantom, fold=1, bank=500, repeat_rows=4)
+    start = _snapshot(trainer)
+    peaks = {}
+    for second in (False, True):
+        _load(trainer, start)
+        trainer.equivariance_second_pass = second
+        torch.manual_seed(0)
+        # the second of two steps: optimizer state and banks exist, the first step's leftovers are freed
+        peaks[second] = tensor_memory.peak_above_start(lambda: trainer.train_step(batch), repeat=True)
+    # one graph of 2b rows instead of one of 4b: the activations' share of the peak halves
+    assert peaks[True] < 0.8 * peaks[False], peaks
+
+
+def test_a_nonfinite_second_pass_skips_the_whole_step(phantom):
+    trainer, batch = _finetuning_mona(phantom, fold=2)
+    original = trainer.second_pass_terms
+
+    def poisoned():
+        terms = original()
+        weight, value = terms['equivariance']
+        return {'equivariance': (weight, value * float('nan'))}
+    trainer.second_pass_terms = poisoned
+    before = _state(trainer)
+    out = trainer.train_step(batch)
+    after = _state(trainer)
+    assert out['nonfinite_skipped'] and trainer.nonfinite_steps_skipped == 1
+    assert [k for k in after if not torch.equal(before[k], after[k])] == []    # no update, banks put back
+    assert all(p.grad is None for p in trainer.network.parameters())          # the first pass's gradients dropped
+    assert trainer.semiseg_step == trainer.pretrain_iterations + 1
+
+
+def test_one_pass_where_rows_share_batch_statistics_or_in_pretraining(phantom):
+    trainer, batch = _finetuning_mona(phantom, fold=3)
+    assert not trainer.rows_share_batch_statistics()                   # nnU-Net's instance norm
+    assert trainer.wants_second_pass()
+    trainer._batch_statistics = None
+    trainer.student_network = lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    assert trainer.rows_share_batch_statistics() and not trainer.wants_second_pass()
+    del trainer.student_network
+    trainer._batch_statistics = None
+    trainer.semiseg_step = 0
+    assert not trainer.wants_second_pass()                              # relational pre-training: no equivariance
+    trainer.semiseg_step = trainer.pretrain_iterations
+    trainer.lambda_equivariance = 0.0
+    assert not trainer.wants_second_pass()

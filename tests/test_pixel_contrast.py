@@ -287,3 +287,25 @@ def test_entropy_alpha_schedule():
     assert entropy_alpha(100, 100) == 0.0
     with pytest.raises(ValueError, match='max_epoch'):
         entropy_alpha(0, 0)
+
+
+def test_bank_negatives_are_read_in_place_and_a_push_before_the_backward_is_refused():
+    """The bank's negatives enter the loss as the bank's own storage (no per-step copy held until the backward);
+    a push between the forward and the backward would change what the gradient reads, and autograd refuses it.
+    (A bank of 16 against 8 x 8 reads: the product with the whole bank, as at the defaults' 30 000 against 256 x 512.)"""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 2, 16, 16, generator=g), 1)
+    labels = probs.argmax(1)
+    kw = dict(low_mask=torch.ones(4, 16, 16, dtype=torch.bool), high_mask=torch.ones(4, 16, 16, dtype=torch.bool),
+              is_labeled=torch.tensor([True, True, False, False]))
+    loss = PixelContrastLoss(2, negative_mode='bank', rep_dim=8, num_queries=8, num_negatives=8, bank_size=16)
+    teacher = torch.randn(4, 8, 16, 16, generator=g)
+    loss(torch.randn(4, 8, 16, 16, generator=g), teacher, labels, probs, generator=g, **kw)   # fills the banks
+    student = torch.randn(4, 8, 16, 16, generator=g, requires_grad=True)
+    value = loss(student, teacher, labels, probs, generator=g, **kw)
+    value.backward(retain_graph=True)                      # read from the bank as it is now
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+    loss.banks[0].push(torch.randn(5, 8, generator=g))
+    loss.banks[1].push(torch.randn(5, 8, generator=g))
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+        value.backward()

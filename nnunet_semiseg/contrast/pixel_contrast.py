@@ -348,8 +348,9 @@ class PixelContrastLoss(nn.Module):
             idx = _randint(m, nq * k, generator, bank.feats.device)      # positions in bank.get()'s (age) order
             if m == bank.size:  # full ring: get() starts at the write pointer
                 idx = (idx + int(bank.ptr)) % bank.size
-            # a copy, so that a push before the backward cannot change what the gradient reads
-            table = bank.feats[:m].float().clone()
+            # the bank's own storage, not a copy (4 x 15 MB at the defaults, held until the backward): the next push
+            # comes with the next step's forward, and autograd's version check would refuse a backward after one
+            table = bank.feats[:m].float()
             return table, idx.view(nq, k), torch.zeros(nq, k, device=table.device)
         neg_mask = (lab >= 0) & (lab != c) & low
         which = self.sampler if self.sample_negatives_with == 'same' else 'naive'

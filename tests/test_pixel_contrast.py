@@ -309,3 +309,20 @@ def test_bank_negatives_are_read_in_place_and_a_push_before_the_backward_is_refu
     loss.banks[1].push(torch.randn(5, 8, generator=g))
     with pytest.raises(RuntimeError, match='modified by an inplace operation'):
         value.backward()
+
+
+def test_products_at_index_equal_matmul_then_gather_in_value_and_gradient():
+    from nnunet_semiseg.contrast.pixel_contrast import dots_with_rows
+    g = torch.Generator().manual_seed(3)
+    queries = torch.randn(6, 5, generator=g, requires_grad=True)
+    table = torch.randn(7, 5, generator=g)
+    index = torch.randint(0, 7, (6, 40), generator=g)                  # 240 reads >= 4 x 7 rows: the product path
+    weights = torch.randn(6, 40, generator=g)
+    out = dots_with_rows(queries, table, index)
+    (grad,) = torch.autograd.grad((out * weights).sum(), queries)
+    plain = queries.detach().clone().requires_grad_(True)
+    reference = (plain @ table.T).gather(1, index)
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), plain)
+    assert torch.equal(out, reference) and torch.equal(grad, grad_reference)   # the same operations, bit for bit
+    assert torch.autograd.gradcheck(lambda q: dots_with_rows(q, table.double(), index),
+                                     (queries.detach().double().requires_grad_(True),))

@@ -293,8 +293,11 @@ class PixelContrastLoss(nn.Module):
             protos = torch.bmm(t3.float(), member).sum(0).T / member.sum((0, 1)).clamp_min(1.0)[:, None]
             protos = F.normalize(protos, dim=1)                                                # [C, D]
             if self.negative_mode == 'bank':
-                self._push_negatives(teacher_table, positions, lab, high, probs, is_labeled.to(device, torch.bool),
-                                     anchor_classes, generator)
+                # rows of the teacher map by flat position (a view of a channels-last map), normalised only where
+                # pushed: the whole normalised table is made only while a bank is still empty
+                rows = t3.transpose(1, 2).reshape(-1, d)
+                self._push_negatives(lambda flat: F.normalize(rows.index_select(0, flat).float(), dim=1), positions,
+                                     lab, high, probs, is_labeled.to(device, torch.bool), anchor_classes, generator)
 
             # draw every class's anchors and negatives first (in the order the random streams expect), then read
             # the student at all anchors at once
@@ -322,8 +325,9 @@ class PixelContrastLoss(nn.Module):
             return torch.stack(losses).mean()
 
     @torch.no_grad()
-    def _push_negatives(self, teacher_table, positions, lab, high, probs, is_labeled, classes, generator):
-        """Push U2PL's intended hard negatives of every class ``c`` (teacher reps, L2-normalised) to bank ``c``."""
+    def _push_negatives(self, teacher_rows, positions, lab, high, probs, is_labeled, classes, generator):
+        """Push U2PL's intended hard negatives of every class ``c`` (teacher reps, L2-normalised: ``teacher_rows(flat)``
+        gives them at flat positions) to bank ``c``."""
         lab_img = is_labeled[:, None]
         for c in classes:
             p_c = probs[:, c]
@@ -336,7 +340,7 @@ class PixelContrastLoss(nn.Module):
                 continue
             if flat.numel() > self.bank_size:
                 flat = flat[_randperm(flat.numel(), generator, flat.device)[:self.bank_size]]
-            self.banks[c].push(teacher_table().index_select(0, flat))
+            self.banks[c].push(teacher_rows(flat))
 
     def _negatives(self, c, teacher_table, positions, lab, low, b, sp, generator):
         """``num_queries x num_negatives`` negatives for class ``c`` as rows of a table: ``(table [M, D] float32 unit,
@@ -369,5 +373,23 @@ def dots_with_rows(queries: torch.Tensor, table: torch.Tensor, index: torch.Tens
     different order."""
     table = table.detach()
     if table.shape[0] * 4 <= index.numel():
-        return (queries @ table.T).gather(1, index)
+        return _ProductsAtIndex.apply(queries, table, index)
     return torch.einsum('qd,qkd->qk', queries, table.index_select(0, index.flatten()).view(*index.shape, -1))
+
+
+class _ProductsAtIndex(torch.autograd.Function):
+    """``(queries @ table.T).gather(1, index)`` with autograd's own backward (``scatter_add`` into zeros, then the
+    product with ``table``), but without keeping the ``[Q, M]`` products for it: ``gather`` saves its whole input
+    (30 MB a class for 256 queries against a bank of 30 000), this saves ``table`` (the bank itself) and ``index``."""
+
+    @staticmethod
+    def forward(ctx, queries, table, index):
+        ctx.save_for_backward(table, index)
+        return (queries @ table.T).gather(1, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        table, index = ctx.saved_tensors
+        products_grad = grad.new_zeros(grad.shape[0], table.shape[0]).scatter_add_(1, index, grad)
+        return products_grad @ table, None, None
+

@@ -250,8 +250,8 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         teacher = self.teacher.module['rep_head'](self._teacher_features(slice(None)))   # channels-last memory
         if self._cache['box'] is not None:
             n = batch.num_labeled
-            pasted = _paste_like_cutmix(teacher[n:], self._cache['box'])
-            teacher = torch.cat((teacher[:n].movedim(1, -1), pasted.movedim(1, -1))).movedim(-1, 1)
+            # pasted into the map's own unlabelled rows: no second whole map (the step's peak sits here)
+            teacher[n:].copy_(_paste_like_cutmix(teacher[n:], self._cache['box']))
         return teacher
 
 

@@ -174,7 +174,9 @@ class FPNProjectionHead(nn.Module):
                                                                                           torch.contiguous_format)),
                                        size=out_size, mode=_LINEAR_MODE[coarse.ndim], align_corners=False)
             coarse_rows = coarse.movedim(1, -1).reshape(fine_rows.shape[0], -1, weight.shape[1])  # a view if resized
-            rows = torch.baddbmm(coarse_rows.to(fine_rows.dtype), fine_rows, weight.expand(fine_rows.shape[0], -1, -1))
+            # added into the resized coarse part in place (no one else reads it, and neither the resize nor the
+            # product needs it for the backward): one whole map at a time, not two
+            rows = coarse_rows.to(fine_rows.dtype).baddbmm_(fine_rows, weight.expand(fine_rows.shape[0], -1, -1))
         return rows.view(rows.shape[0], *out_size, rows.shape[2]).movedim(-1, 1)
 
     def _coarse_sum(self, features: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]

@@ -326,3 +326,19 @@ def test_products_at_index_equal_matmul_then_gather_in_value_and_gradient():
     assert torch.equal(out, reference) and torch.equal(grad, grad_reference)   # the same operations, bit for bit
     assert torch.autograd.gradcheck(lambda q: dots_with_rows(q, table.double(), index),
                                      (queries.detach().double().requires_grad_(True),))
+
+
+def test_rows_at_index_equal_gathered_rows_in_value_and_gradient():
+    from nnunet_semiseg.contrast.pixel_contrast import dots_with_rows
+    g = torch.Generator().manual_seed(4)
+    queries = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(500, 5, generator=g, dtype=torch.float64)
+    index = torch.randint(0, 500, (6, 9), generator=g)                 # 54 reads < 4 x 500 rows: the row path
+    weights = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    out = dots_with_rows(queries, table, index)
+    (grad,) = torch.autograd.grad((out * weights).sum(), queries)
+    plain = queries.detach().clone().requires_grad_(True)
+    reference = torch.einsum('qd,qkd->qk', plain, table[index])
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), plain)
+    assert torch.allclose(out, reference, rtol=0, atol=1e-12) and torch.allclose(grad, grad_reference, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda q: dots_with_rows(q, table, index), (queries.detach().requires_grad_(True),))

@@ -56,3 +56,31 @@ def test_repeat_measures_the_second_call_whose_frees_are_all_seen(tm):
     # one call alone cannot see the free: it reads +16 MB; the second of two sees the first call's block go
     assert tm.peak_above_start(step) == pytest.approx(16 * MB, abs=64 * 1024)
     assert tm.peak_above_start(step, repeat=True) == pytest.approx(0, abs=64 * 1024)
+
+
+def test_memory_parts_levels_and_the_part_holding_the_peak(load_script):
+    parts = load_script('benchmarks/memory_parts.py')
+
+    class Event:
+        def __init__(self, name, start, end=None, nbytes=0):
+            self._n, self._s, self._e, self._b = name, start, end if end is not None else start, nbytes
+
+        def name(self):
+            return self._n
+
+        def start_ns(self):
+            return self._s
+
+        def end_ns(self):
+            return self._e
+
+        def nbytes(self):
+            return self._b
+
+    events = [Event(parts.PART + 'forward', 10, 20), Event(parts.PART + 'loss', 30, 40),
+              Event('[memory]', 11, nbytes=100), Event('[memory]', 12, nbytes=50), Event('[memory]', 15, nbytes=-50),
+              Event('[memory]', 31, nbytes=80), Event('[memory]', 35, nbytes=-80),
+              Event('[memory]', 5, nbytes=999)]                                   # before the step: not counted
+    (peak_time, peak), rows = parts.part_levels(events, 10, 40)
+    assert (peak_time, peak) == (31, 180)
+    assert rows == [('forward', 0, 100, 150, False), ('loss', 100, 100, 180, True)]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_semiseg.contrast.pixel_contrast import dots_with_rows
 from nnunet_semiseg.heads import RepresentationMap
 
 QuerySampler = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
@@ -237,11 +238,11 @@ class AnatomicalContrastLoss(nn.Module):
                 unit = F.normalize(feats3.float(), dim=1).transpose(1, 2).reshape(-1, dim)  # [B*S, D] unit rows
             for (c, _, query_weights, neg_idx), queries in zip(drawn, all_queries.split(self.num_queries)):
                 with torch.no_grad():
-                    negatives = unit.index_select(0, valid_pos[neg_idx.flatten()]).view(self.num_queries,
-                                                                                        self.num_negatives, dim)
                     positive = F.normalize(prototypes[c], dim=0)
-                logits = torch.cat([(queries @ positive).unsqueeze(1),
-                                    torch.einsum('qd,qnd->qn', queries, negatives)], dim=1) / tau
+                # the negatives' rows are gathered again in the backward, not kept ([nq, K, D] a class)
+                negatives = dots_with_rows(queries, unit, valid_pos[neg_idx.flatten()].view(self.num_queries,
+                                                                                          self.num_negatives))
+                logits = torch.cat([(queries @ positive).unsqueeze(1), negatives], dim=1) / tau
                 ce = F.cross_entropy(logits, logits.new_zeros(self.num_queries, dtype=torch.long), reduction='none')
                 loss = loss + (query_weights.to(ce.dtype) * ce).sum() / self.num_queries
         return loss / int(present.sum())

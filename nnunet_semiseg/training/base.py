@@ -401,7 +401,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     def _optimizer_step(self, total: torch.Tensor) -> None:
         """Backward of ``total`` (added to what a first pass left in ``.grad``), then nnU-Net's clip and step."""
         params = self._trainable_parameters()
-        self._backward(total)
+        if total.requires_grad:          # a second pass with no terms leaves a constant: the first pass's grads stand
+            self._backward(total)
         self._allreduce_semiseg_grads()
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)

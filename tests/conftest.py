@@ -73,3 +73,15 @@ def make_trainer(phantom, trainer_name, configuration='2d', epochs=1, iterations
     trainer.num_epochs, trainer.num_iterations_per_epoch = epochs, iterations
     trainer.num_val_iterations_per_epoch = val_iterations
     return trainer
+
+
+def trainer_state(trainer):
+    """Everything a semi-supervised training step may change, as tensor copies: student, teacher, loss modules'
+    buffers and parameters, optimizer state."""
+    import torch
+    state = {f'network.{k}': v for k, v in trainer.student_network().state_dict().items()}
+    state.update({f'teacher.{k}': v for k, v in trainer.teacher.state_dict().items()})
+    state.update({f'modules.{k}': v for k, v in trainer.semiseg_modules.state_dict().items()})
+    for i, group in trainer.optimizer.state_dict()['state'].items():
+        state.update({f'optimizer.{i}.{k}': torch.as_tensor(v) for k, v in group.items() if v is not None})
+    return {k: v.detach().clone() for k, v in state.items()}

@@ -10,7 +10,7 @@ import torch
 
 from nnunet_semiseg.training.base import NonFiniteLossError, nnUNetTrainerSemiSupervised
 
-from conftest import make_trainer
+from conftest import make_trainer, trainer_state as _state
 
 
 def _poison(trainer, term, steps):
@@ -33,17 +33,6 @@ def _poison(trainer, term, steps):
             terms[term] = (weight, value * float('nan'))
         return terms
     trainer.compute_semisupervised_terms = poisoned
-
-
-def _state(trainer):
-    """Everything a step may change, as tensors: student, teacher, loss modules' buffers and parameters,
-    optimizer state."""
-    state = {f'network.{k}': v for k, v in trainer.student_network().state_dict().items()}
-    state.update({f'teacher.{k}': v for k, v in trainer.teacher.state_dict().items()})
-    state.update({f'modules.{k}': v for k, v in trainer.semiseg_modules.state_dict().items()})
-    for i, group in trainer.optimizer.state_dict()['state'].items():
-        state.update({f'optimizer.{i}.{k}': torch.as_tensor(v) for k, v in group.items() if v is not None})
-    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def _changed(before, after):

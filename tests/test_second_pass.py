@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_trainer
+from conftest import make_trainer, trainer_state as _state
 
 
 def _finetuning_mona(phantom, fold=0, bank=30000, repeat_rows=1):
@@ -26,15 +26,6 @@ def _finetuning_mona(phantom, fold=0, bank=30000, repeat_rows=1):
             loader._finish()
     trainer.dataloader_unlabeled = itertools.repeat(unlabeled)              # every step: the same unlabelled batch
     return trainer, batch
-
-
-def _state(trainer):
-    state = {f'network.{k}': v for k, v in trainer.network.state_dict().items()}
-    state.update({f'teacher.{k}': v for k, v in trainer.teacher.state_dict().items()})
-    state.update({f'modules.{k}': v for k, v in trainer.semiseg_modules.state_dict().items()})
-    for i, group in trainer.optimizer.state_dict()['state'].items():
-        state.update({f'optimizer.{i}.{k}': torch.as_tensor(v) for k, v in group.items() if v is not None})
-    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def _load(trainer, snapshot):

@@ -17,11 +17,11 @@ import os
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_trainers import build_trainer  # noqa: E402
-from tensor_memory import live_tensor_bytes  # noqa: E402
+from tensor_memory import allocations, profile_call  # noqa: E402
 
 PART = 'part: '
 TRAINER_PARTS = ('_buffer_snapshot', 'prepare_student_input', 'teacher_forward', 'compute_semisupervised_terms',
@@ -55,10 +55,9 @@ def label_parts(trainer) -> None:
 
 
 def part_levels(events, begin: int, end: int):
-    """From kineto events: (peak time, peak bytes, [(part, start level, end level, max level)]) of the allocations
-    between ``begin`` and ``end`` (ns), levels relative to ``begin``."""
-    mem = sorted((e.start_ns(), e.nbytes()) for e in events
-                 if e.name() == '[memory]' and begin <= e.start_ns() <= end)
+    """From kineto events: (peak time, peak bytes, [(part, start level, end level, max level, holds the peak)]) of
+    the allocations between ``begin`` and ``end`` (ns), levels relative to ``begin``."""
+    mem = allocations(events, begin, end)
     times, levels, level, peak = [t for t, _ in mem], [], 0, (begin, 0)
     for t, nbytes in mem:
         level += nbytes
@@ -96,14 +95,8 @@ def main():
         trainer.semiseg_step = trainer.pretrain_iterations if args.phase == 'finetune' else 0
     label_parts(trainer)
     batch = next(trainer.dataloader_train)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer.train_step(batch)
-        live = live_tensor_bytes()
-        with record_function('measured step'):
-            trainer.train_step(batch)
-    events = prof.profiler.kineto_results.events()
-    step = next(e for e in events if e.name() == 'measured step')
-    (_, peak), parts = part_levels(events, step.start_ns(), step.end_ns())
+    live, events, begin, end = profile_call(lambda: trainer.train_step(batch), repeat=True)
+    (_, peak), parts = part_levels(events, begin, end)
     mb = 2 ** 20
     print(f'{args.tr}, {args.phase}: {live / mb:.0f} MB alive when the step began, peak {peak / mb:.0f} MB above '
           f'it, {(live + peak) / mb:.0f} MB in all')

@@ -17,7 +17,7 @@ import warnings
 from typing import Callable, Iterable, Tuple
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 
 def live_tensor_bytes() -> int:
@@ -49,10 +49,13 @@ def running_peak(events: Iterable[Tuple[int, int]]) -> int:
     return peak
 
 
-def _peak_of_measured(fn: Callable[[], object], repeat: bool):
-    """(live tensor bytes when the measured call began, peak of its allocations above them); with ``repeat`` the
-    call runs twice under one profiler and the second is measured."""
-    from torch.profiler import record_function
+_MARK = 'tensor_memory.measured'
+
+
+def profile_call(fn: Callable[[], object], repeat: bool = False):
+    """Run ``fn()`` under the CPU profiler with allocation events: ``(live, events, begin, end)``, the tensor bytes
+    alive when the measured call began, the profiler's events, and the measured call's span (ns). With ``repeat``
+    the call runs twice under one profiler and the second is measured."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         if repeat:
             fn()
@@ -65,14 +68,21 @@ def _peak_of_measured(fn: Callable[[], object], repeat: bool):
     except AttributeError as e:  # a private interface of torch.profiler; say which torch lacks it
         raise RuntimeError(f'torch {torch.__version__}: the profiler exposes no allocation events '
                            f'(profiler.kineto_results); peak tensor memory cannot be measured on this version') from e
-    mark = [e for e in events if e.name() == _MARK]
-    begin, end = mark[0].start_ns(), mark[0].end_ns()
+    mark = next(e for e in events if e.name() == _MARK)
+    return live, events, mark.start_ns(), mark.end_ns()
+
+
+def allocations(events, begin: int, end: int):
+    """``(time_ns, bytes)`` of the CPU allocation (+) and free (-) events between ``begin`` and ``end``, in time order
+    (frees first at equal times)."""
     cpu = torch._C._autograd.DeviceType.CPU
-    return live, running_peak((e.start_ns(), e.nbytes()) for e in events if e.name() == '[memory]'
-                              and e.device_type() == cpu and begin <= e.start_ns() <= end)
+    return sorted((e.start_ns(), e.nbytes()) for e in events
+                  if e.name() == '[memory]' and e.device_type() == cpu and begin <= e.start_ns() <= end)
 
 
-_MARK = 'tensor_memory.measured'
+def _peak_of_measured(fn: Callable[[], object], repeat: bool):
+    live, events, begin, end = profile_call(fn, repeat)
+    return live, running_peak(allocations(events, begin, end))
 
 
 def peak_above_start(fn: Callable[[], object], repeat: bool = False) -> int:

@@ -77,6 +77,9 @@ def test_memory_parts_levels_and_the_part_holding_the_peak(load_script):
         def nbytes(self):
             return self._b
 
+        def device_type(self):
+            return torch._C._autograd.DeviceType.CPU
+
     events = [Event(parts.PART + 'forward', 10, 20), Event(parts.PART + 'loss', 30, 40),
               Event('[memory]', 11, nbytes=100), Event('[memory]', 12, nbytes=50), Event('[memory]', 15, nbytes=-50),
               Event('[memory]', 31, nbytes=80), Event('[memory]', 35, nbytes=-80),

@@ -274,14 +274,16 @@ class PixelContrastLoss(nn.Module):
 
         with torch.autocast(device_type=device.type, enabled=False):
             t3 = teacher_reps.detach().reshape(b, d, -1)
+            # teacher reps by flat position, [B*P, D] (a view of a channels-last map)
+            teacher_rows = t3.transpose(1, 2).reshape(-1, d)
             probs = probs.reshape(b, self.num_classes, -1).float()
             lab, low, high = labels.reshape(b, -1), low_mask.reshape(b, -1), high_mask.reshape(b, -1)
             teacher_unit = None
 
-            def teacher_table():  # [B*P, D] L2-normalised teacher reps by flat position, float32, made once
+            def teacher_table():  # the rows L2-normalised, float32, made once (only while a bank is empty)
                 nonlocal teacher_unit
                 if teacher_unit is None:
-                    teacher_unit = F.normalize(t3.float(), dim=1).transpose(1, 2).reshape(-1, d)
+                    teacher_unit = F.normalize(teacher_rows.float(), dim=1)
                 return teacher_unit
 
             def positions(mask2):  # [B, P] bool -> flat positions in mask.nonzero() (raster) order
@@ -293,11 +295,10 @@ class PixelContrastLoss(nn.Module):
             protos = torch.bmm(t3.float(), member).sum(0).T / member.sum((0, 1)).clamp_min(1.0)[:, None]
             protos = F.normalize(protos, dim=1)                                                # [C, D]
             if self.negative_mode == 'bank':
-                # rows of the teacher map by flat position (a view of a channels-last map), normalised only where
-                # pushed: the whole normalised table is made only while a bank is still empty
-                rows = t3.transpose(1, 2).reshape(-1, d)
-                self._push_negatives(lambda flat: F.normalize(rows.index_select(0, flat).float(), dim=1), positions,
-                                     lab, high, probs, is_labeled.to(device, torch.bool), anchor_classes, generator)
+                # normalised only where pushed, not the whole table
+                self._push_negatives(lambda flat: F.normalize(teacher_rows.index_select(0, flat).float(), dim=1),
+                                     positions, lab, high, probs, is_labeled.to(device, torch.bool), anchor_classes,
+                                     generator)
 
             # draw every class's anchors and negatives first (in the order the random streams expect), then read
             # the student at all anchors at once

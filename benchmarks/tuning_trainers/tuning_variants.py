@@ -2,6 +2,7 @@
 init arguments by name, so each variant spells out nnU-Net's signature."""
 import torch
 
+from nnunet_semiseg.training.action import nnUNetTrainerACTIONpp
 from nnunet_semiseg.training.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_semiseg.training.mona_arco import nnUNetTrainerARCO_SAG
 
@@ -53,3 +54,25 @@ class nnUNetTrainerMeanTeacher_w30(nnUNetTrainerMeanTeacher):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.consistency_weight = 30.0
+
+
+class nnUNetTrainerACTIONpp_ramp50(nnUNetTrainerACTIONpp):
+    """ACTION++ with the pseudo-label loss ramped in (sigmoid) over the first half of fine-tuning: at seeds 0-2 it
+    loses the HCM end-systolic frames, where the teacher that starts fine-tuning is confidently wrong
+    (docs/tuning.md, runs 14-16)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unsup_rampup_fraction = 0.5
+
+
+class nnUNetTrainerACTIONpp_c01(nnUNetTrainerACTIONpp):
+    """ACTION++ with its contrastive terms at 0.1 instead of the released code's 0.01: at 0.01 they carry under 2 %
+    of the supervised gradient (docs/tuning.md, "Which term drives the update")."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.lambda_anco = 0.1
+        self.lambda_ascl = 0.1

@@ -281,6 +281,14 @@ class RepresentationMap:
                     self._detached = self.head(self.features, self.predictor)
         return self._detached
 
+    def take_detached(self) -> Tuple[torch.Tensor, bool]:
+        """The whole map without gradient, handed to the caller: ``(map, owned)``. ``owned`` is True when nothing
+        else holds the map's storage (it is made here and not cached), so the caller may overwrite it in place."""
+        if self._detached is None and self._dense is None:
+            with torch.no_grad():
+                return self.head(self.features, self.predictor), True
+        return self.detached(), False
+
     def _level_weight(self) -> torch.Tensor:
         """``[D, sum C_l]``: the level weights side by side, so that one product maps every level's read."""
         if self._weight is None:

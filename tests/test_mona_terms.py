@@ -169,3 +169,17 @@ def test_cutmix_full_extent_axes_and_determinism():
         cutmix(x, generator=None, area_fraction=0.0)
     with pytest.raises(ValueError, match='map 0'):
         cutmix(x, torch.zeros(3, 8, 32, 31))
+
+
+def test_feature_queue_never_stores_a_nonfinite_row():
+    """A teacher row that overflowed (inf, or NaN after normalising) is left out; the finite rows keep their order
+    and labels, and the pointer moves by their number only."""
+    from nnunet_semiseg.contrast.memory import FeatureQueue
+    q = FeatureQueue(size=5, dim=2, with_labels=True)
+    rows = torch.tensor([[1., 2.], [float('nan'), 0.], [3., 4.], [float('inf'), 1.], [5., 6.]])
+    q.push(rows, torch.tensor([0, 1, 2, 3, 4]))
+    feats, labels = q.get()
+    assert torch.equal(feats, torch.tensor([[1., 2.], [3., 4.], [5., 6.]]))
+    assert labels.tolist() == [0, 2, 4] and len(q) == 3 and int(q.ptr) == 3
+    q.push(torch.full((2, 2), float('nan')), torch.tensor([7, 8]))     # nothing finite: nothing written
+    assert len(q) == 3 and int(q.ptr) == 3

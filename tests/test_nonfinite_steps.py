@@ -1,6 +1,7 @@
-"""The non-finite step guard of the base trainer: a step whose loss or a term is NaN/inf is skipped whole (network,
-optimizer, EMA teacher, banks, queues and centroids unchanged), counted and logged with the failing term; ten in a
-row stop training with the term and the cases named; under DDP every rank skips when any rank failed."""
+"""The non-finite step guard of the base trainer: a step whose loss or a term is NaN/inf is skipped (network,
+optimizer, EMA teacher and centroids unchanged; the feature banks keep the finite teacher features the step pushed,
+or are put back too with ``restore_banks_on_skip``), counted and logged with the failing term; ten in a row stop
+training with the term and the cases named; under DDP every rank skips when any rank failed."""
 import copy
 import os
 
@@ -70,22 +71,32 @@ def test_one_nan_step_is_skipped_and_training_goes_on(phantom, with_grad_scaler)
     with open(trainer.log_file) as fh:
         text = fh.read()
     assert 'non-finite consistency loss at step 1 (epoch 0; labelled cases [' in text
-    assert 'step skipped, no optimizer, teacher or bank update (1 in a row, 1 in this run)' in text
+    assert 'step skipped, no optimizer or teacher update (1 in a row, 1 in this run)' in text
     assert 'non-finite steps skipped this epoch: 1 (1 in this run)' in text
     ckpt = torch.load(os.path.join(trainer.output_folder, 'checkpoint_final.pth'), weights_only=False)
     assert ckpt['semiseg_state']['nonfinite_steps_skipped'] == 1
     assert ckpt['logging']['nonfinite_steps_skipped'] == [1]
 
 
+BANKS = {'nnUNetTrainerACTIONpp': [('modules.global_kl.bank.', 'modules.local_kl.bank.'),
+                                   ('modules.supervised_contrast.queue.',)],
+         'nnUNetTrainerMONA': [('modules.global_kl.bank.', 'modules.local_kl.bank.'),
+                               ('modules.pixel_contrast.banks.', 'modules.nearest_neighbour.bank.')]}
+
+
+@pytest.mark.parametrize('restore_banks', [False, True])
 @pytest.mark.parametrize('name, pretrain_term, finetune_term', [
     ('nnUNetTrainerACTIONpp', 'global_distillation', 'supervised_contrast'),
     ('nnUNetTrainerMONA', 'local_distillation', 'contrast'),
 ])
-def test_skipped_step_leaves_banks_queues_teacher_and_weights_unchanged(phantom, name, pretrain_term,
-                                                                        finetune_term):
+def test_skipped_step_leaves_teacher_weights_and_centroids_unchanged(phantom, name, pretrain_term, finetune_term,
+                                                                     restore_banks):
     """Steps 0-1 pre-train (distillation banks), 2-3 fine-tune (ASCL queue and centroids / MONA's pixel-contrast
-    and nearest-neighbour banks); steps 1 and 3 are poisoned after the method pushed into its banks."""
+    and nearest-neighbour banks); steps 1 and 3 are poisoned after the method pushed into its banks. A skipped step
+    changes nothing but the banks it pushed to (finite teacher features), and not those with
+    ``restore_banks_on_skip``."""
     trainer = make_trainer(phantom, name, '2d', epochs=1, iterations=4, fold=1)
+    trainer.restore_banks_on_skip = restore_banks
     trainer.pretrain_fraction = 0.5
     trainer.num_queries, trainer.num_negatives = 32, 64
     trainer.on_train_start()
@@ -97,9 +108,15 @@ def test_skipped_step_leaves_banks_queues_teacher_and_weights_unchanged(phantom,
         before = _state(trainer)
         out = trainer.train_step(next(trainer.dataloader_train))
         diffs.append((out, _changed(before, _state(trainer))))
-    for step in (1, 3):
+    for step, banks in zip((1, 3), BANKS[name]):
         out, changed = diffs[step]
-        assert out['nonfinite_skipped'] and changed == [], (step, changed)
+        assert out['nonfinite_skipped'], step
+        if restore_banks:
+            assert changed == [], (step, changed)
+        else:
+            assert changed and all(k.startswith(banks) for k in changed), (step, changed)
+            state = _state(trainer)
+            assert all(torch.isfinite(state[k]).all() for k in changed if k.endswith('.feats'))
     pushed = {'nnUNetTrainerACTIONpp': [('modules.global_kl.bank.',), ('modules.supervised_contrast.queue.',
                                                                       'modules.supervised_contrast.centroids')],
               'nnUNetTrainerMONA': [('modules.local_kl.bank.',),

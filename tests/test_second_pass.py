@@ -86,8 +86,10 @@ def test_second_pass_lowers_the_peak_of_tensor_memory(phantom, load_script):
     assert peaks[True] < 0.8 * peaks[False], peaks
 
 
-def test_a_nonfinite_second_pass_skips_the_whole_step(phantom):
+@pytest.mark.parametrize('restore_banks', [False, True])
+def test_a_nonfinite_second_pass_skips_the_whole_step(phantom, restore_banks):
     trainer, batch = _finetuning_mona(phantom, fold=2)
+    trainer.restore_banks_on_skip = restore_banks
     original = trainer.second_pass_terms
 
     def poisoned():
@@ -99,7 +101,12 @@ def test_a_nonfinite_second_pass_skips_the_whole_step(phantom):
     out = trainer.train_step(batch)
     after = _state(trainer)
     assert out['nonfinite_skipped'] and trainer.nonfinite_steps_skipped == 1
-    assert [k for k in after if not torch.equal(before[k], after[k])] == []    # no update, banks put back
+    changed = [k for k in after if not torch.equal(before[k], after[k])]
+    if restore_banks:
+        assert changed == []                                                   # no update, banks put back
+    else:   # the first pass's teacher features stay in the banks; nothing else changed
+        assert changed and all(k.startswith(('modules.pixel_contrast.banks.', 'modules.nearest_neighbour.bank.'))
+                               for k in changed), changed
     assert all(p.grad is None for p in trainer.network.parameters())          # the first pass's gradients dropped
     assert trainer.semiseg_step == trainer.pretrain_iterations + 1
 

@@ -176,8 +176,9 @@ class AnatomicalContrastLoss(nn.Module):
             # read with gradient at the queries only; prototypes and negatives come from the detached map
             rep_map = feats
             read_queries, zero = (lambda flat: rep_map.at(flat).float()), rep_map.zero
-            feats = rep_map.detached()
+            feats, owned = rep_map.take_detached()
         else:
+            owned = False
             if feats.ndim == 2:  # flat pixels [N, D]: one 'image' with one spatial axis, so no loop runs over pixels
                 feats, labels, probs = feats.T.unsqueeze(0), labels.unsqueeze(0), probs.T.unsqueeze(0)
                 valid = None if valid is None else valid.unsqueeze(0)
@@ -235,7 +236,13 @@ class AnatomicalContrastLoss(nn.Module):
         with torch.autocast(device_type=feats.device.type, enabled=False):
             all_queries = F.normalize(read_queries(torch.cat([q for _, q, _, _ in drawn])), dim=1)  # with gradient
             with torch.no_grad():
-                unit = F.normalize(feats3.float(), dim=1).transpose(1, 2).reshape(-1, dim)  # [B*S, D] unit rows
+                if owned and feats3.dtype == torch.float32:
+                    # read only as unit rows from here on: normalised in place (F.normalize's operations), no
+                    # second map beside it (56 MB a map on the development plans)
+                    unit3 = feats3.div_(feats3.norm(dim=1, keepdim=True).clamp_min(1e-12))
+                else:
+                    unit3 = F.normalize(feats3.float(), dim=1)
+                unit = unit3.transpose(1, 2).reshape(-1, dim)                        # [B*S, D] unit rows
             for (c, _, query_weights, neg_idx), queries in zip(drawn, all_queries.split(self.num_queries)):
                 with torch.no_grad():
                     positive = F.normalize(prototypes[c], dim=0)

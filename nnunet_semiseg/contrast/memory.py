@@ -16,6 +16,9 @@ class FeatureQueue(nn.Module):
         dim: feature dimension (> 0).
         with_labels: also keep one ``long`` label per entry.
 
+    Rows that are not finite (a teacher forward that overflowed in half precision) are never written: one NaN row
+    would make every later loss that reads the queue NaN, and the trainers keep what a skipped step pushed.
+
     Buffers: ``feats [size, dim] float``, ``labels [size] long`` (-1 = empty), ``ptr`` and ``count`` (long scalars).
     """
 
@@ -40,11 +43,16 @@ class FeatureQueue(nn.Module):
 
     @torch.no_grad()
     def push(self, feats: torch.Tensor, labels: torch.Tensor = None) -> None:
-        """Append ``feats [N, dim]`` (and ``labels [N]``), overwriting the oldest entries; detached."""
+        """Append ``feats [N, dim]`` (and ``labels [N]``), overwriting the oldest entries; detached. Non-finite rows
+        are left out."""
         if feats.ndim != 2 or feats.shape[1] != self.dim:
             raise ValueError(f'FeatureQueue.push expects [N, {self.dim}] features, got {tuple(feats.shape)}')
         if self.with_labels and (labels is None or labels.shape != feats.shape[:1]):
             raise ValueError('FeatureQueue(with_labels=True).push needs labels of shape [N]')
+        finite = torch.isfinite(feats).all(1)
+        if not bool(finite.all()):
+            feats = feats[finite]
+            labels = labels[finite] if labels is not None else None
         n = feats.shape[0]
         if n == 0:
             return

@@ -92,6 +92,12 @@ def _randint(high: int, n: int, generator: Optional[torch.Generator], device: to
     return torch.randint(high, (n,), generator=generator, device=gdev).to(device)
 
 
+def _normalize_rows_(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize(rows, dim=1)`` written into ``rows [N, D]`` (a tensor the caller owns): the same operations, so
+    the same values, without a second ``[N, D]`` table (up to 15 MB a class per bank push)."""
+    return rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(eps))
+
+
 def _randperm(n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
     gdev = generator.device if generator is not None else device
     return torch.randperm(n, generator=generator, device=gdev).to(device)
@@ -296,7 +302,7 @@ class PixelContrastLoss(nn.Module):
             protos = F.normalize(protos, dim=1)                                                # [C, D]
             if self.negative_mode == 'bank':
                 # normalised only where pushed, not the whole table
-                self._push_negatives(lambda flat: F.normalize(teacher_rows.index_select(0, flat).float(), dim=1),
+                self._push_negatives(lambda flat: _normalize_rows_(teacher_rows.index_select(0, flat).float()),
                                      positions, lab, high, probs, is_labeled.to(device, torch.bool), anchor_classes,
                                      generator)
 
@@ -379,35 +385,58 @@ def dots_with_rows(queries: torch.Tensor, table: torch.Tensor, index: torch.Tens
     return _RowsAtIndex.apply(queries, table, index)
 
 
+_CHUNK_BYTES = 8 * 2 ** 20   # the [q, M] products or [q, K, D] rows made at a time (whole: 30-67 MB a class)
+
+
+def _query_chunks(num_queries: int, row_bytes: int):
+    """Slices of the queries whose products (or gathered rows) take about ``_CHUNK_BYTES``: each query's result
+    depends on its own row only, so the chunks give the whole computation's values, at a fraction of its memory."""
+    step = max(1, _CHUNK_BYTES // max(1, row_bytes))
+    return [slice(i, min(i + step, num_queries)) for i in range(0, num_queries, step)]
+
+
 class _ProductsAtIndex(torch.autograd.Function):
     """``(queries @ table.T).gather(1, index)`` with autograd's own backward (``scatter_add`` into zeros, then the
     product with ``table``), but without keeping the ``[Q, M]`` products for it: ``gather`` saves its whole input
-    (30 MB a class for 256 queries against a bank of 30 000), this saves ``table`` (the bank itself) and ``index``."""
+    (30 MB a class for 256 queries against a bank of 30 000), this saves ``table`` (the bank itself) and ``index``.
+    Forward and backward run over chunks of queries, so neither makes the whole ``[Q, M]`` at once."""
 
     @staticmethod
     def forward(ctx, queries, table, index):
         ctx.save_for_backward(table, index)
-        return (queries @ table.T).gather(1, index)
+        out = queries.new_empty(index.shape)
+        for q in _query_chunks(queries.shape[0], table.shape[0] * queries.element_size()):
+            out[q] = (queries[q] @ table.T).gather(1, index[q])
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         table, index = ctx.saved_tensors
-        products_grad = grad.new_zeros(grad.shape[0], table.shape[0]).scatter_add_(1, index, grad)
-        return products_grad @ table, None, None
+        out = grad.new_empty(grad.shape[0], table.shape[1])
+        for q in _query_chunks(grad.shape[0], table.shape[0] * grad.element_size()):
+            out[q] = grad.new_zeros(out[q].shape[0], table.shape[0]).scatter_add_(1, index[q], grad[q]) @ table
+        return out, None, None
 
 
 class _RowsAtIndex(torch.autograd.Function):
     """``einsum('qd,qkd->qk', queries, table[index])`` whose backward gathers the rows again instead of keeping them:
-    ``grad_queries[q] = sum_k grad[q, k] table[index[q, k]]``, the same product autograd forms from kept rows."""
+    ``grad_queries[q] = sum_k grad[q, k] table[index[q, k]]``, the same product autograd forms from kept rows.
+    Both gather the rows of a chunk of queries at a time (the whole ``[Q, K, D]``: 67 MB at 256 x 512 x 128)."""
 
     @staticmethod
     def forward(ctx, queries, table, index):
         ctx.save_for_backward(table, index)
-        return torch.einsum('qd,qkd->qk', queries, table.index_select(0, index.flatten()).view(*index.shape, -1))
+        out = queries.new_empty(index.shape)
+        for q in _query_chunks(queries.shape[0], index.shape[1] * table.shape[1] * table.element_size()):
+            rows = table.index_select(0, index[q].flatten()).view(*index[q].shape, -1)
+            out[q] = torch.einsum('qd,qkd->qk', queries[q], rows)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         table, index = ctx.saved_tensors
-        rows = table.index_select(0, index.flatten()).view(*index.shape, -1)
-        return torch.einsum('qk,qkd->qd', grad, rows), None, None
-
+        out = grad.new_empty(grad.shape[0], table.shape[1])
+        for q in _query_chunks(grad.shape[0], index.shape[1] * table.shape[1] * table.element_size()):
+            rows = table.index_select(0, index[q].flatten()).view(*index[q].shape, -1)
+            out[q] = torch.einsum('qk,qkd->qd', grad[q], rows)
+        return out, None, None

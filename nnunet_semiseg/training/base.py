@@ -25,8 +25,11 @@ What the base guarantees:
 * extra trainable modules (projection heads) join nnU-Net's optimizer as a second parameter group and are
   clipped with the network; under DDP their gradients are all-reduced (they sit outside the DDP wrapper);
 * nnU-Net's AMP path (autocast and grad scaler on CUDA only);
-* a step whose loss or any term is not finite is skipped whole (no backward, optimizer, teacher or bank/queue update;
-  all DDP ranks together), logged with the failing term and the batch's cases; after
+* a step whose loss or any term is not finite is skipped (no backward, optimizer or teacher update, every other
+  buffer put back; all DDP ranks together), logged with the failing term and the batch's cases; the feature banks
+  keep the teacher features the step pushed, as MoCo-style queues do when a grad scaler skips a step (they are
+  finite, :class:`~nnunet_semiseg.contrast.memory.FeatureQueue`; ``restore_banks_on_skip = True`` puts them back too,
+  at the cost of a copy of every bank held through each step); after
   ``max_consecutive_nonfinite_steps`` (10) in a row training stops with :class:`NonFiniteLossError`;
 * every loss term is logged once per epoch and drawn into ``progress.png``;
 * validation and ``checkpoint_best`` see labelled cases only (nnU-Net's split never contains unlabelled cases);
@@ -54,6 +57,7 @@ from torch import autocast, nn
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
+from nnunet_semiseg.contrast.memory import FeatureQueue
 from nnunet_semiseg.teacher import EMATeacher
 from nnunet_semiseg.training.logging import NONFINITE_LOG_KEY, SemiSegLocalLogger
 from nnunet_semiseg.unlabeled.dataloader import UnlabeledDataLoader, strong_transforms, weak_transforms
@@ -140,6 +144,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.ema_module_names: Tuple[str, ...] = ()  # semiseg_modules the teacher averages (teacher heads)
         self.unlabeled_num_processes = None  # preprocessing workers; None: nnU-Net's default_num_processes
         self.max_consecutive_nonfinite_steps = 10  # skipped steps in a row before training stops
+        # True: a skipped step also puts the feature banks back, from a copy taken at every step's start (61 MB on
+        # the development plans, alive at the step's peak); False: they keep the finite teacher features it pushed
+        self.restore_banks_on_skip = False
 
         self.teacher: Optional[EMATeacher] = None
         self.semiseg_modules = nn.ModuleDict()
@@ -415,9 +422,12 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
 
     # ------------------------------------------------------------------ non-finite steps
     def _buffer_snapshot(self) -> Dict[str, torch.Tensor]:
-        """Copies of every buffer a forward may change: loss modules' banks, queues and centroids, and the student's
-        normalisation statistics (none for nnU-Net's InstanceNorm). The teacher's change only in its EMA update."""
-        named = [(f'modules.{k}', v) for k, v in self.semiseg_modules.named_buffers()]
+        """Copies of every buffer a forward may change: loss modules' centroids (and their feature banks and queues
+        when ``restore_banks_on_skip``), and the student's normalisation statistics (none for nnU-Net's
+        InstanceNorm). The teacher's change only in its EMA update."""
+        banks = () if self.restore_banks_on_skip else tuple(
+            f'{name}.' for name, m in self.semiseg_modules.named_modules() if isinstance(m, FeatureQueue))
+        named = [(f'modules.{k}', v) for k, v in self.semiseg_modules.named_buffers() if not k.startswith(banks)]
         named += [(f'network.{k}', v) for k, v in self.student_network().named_buffers()]
         return {k: v.detach().clone() for k, v in named}
 
@@ -447,7 +457,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         cases = f'labelled cases {case_ids["labelled"]}, unlabelled cases {case_ids["unlabelled"]}'
         self.print_to_log_file(
             f'WARNING: non-finite {", ".join(failed)} loss at step {self.semiseg_step} (epoch {self.current_epoch}; '
-            f'{cases}): step skipped, no optimizer, teacher or bank update ({self._nonfinite_in_a_row} in a row, '
+            f'{cases}): step skipped, no optimizer or teacher update ({self._nonfinite_in_a_row} in a row, '
             f'{self.nonfinite_steps_skipped} in this run)')
         if self._nonfinite_in_a_row >= self.max_consecutive_nonfinite_steps:
             raise NonFiniteLossError(

@@ -192,6 +192,9 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         """Drop the teacher's logits and tapped features once the terms are computed: nothing reads them after, and
         the backward, the step's peak of memory, then runs without them."""
         self._cache.pop('t_logits', None)
+        self._release_teacher_features()
+
+    def _release_teacher_features(self) -> None:
         self._cache.pop('t_feats', None)
         for key in [k for k in self._features if k[0] == 'teacher']:
             del self._features[key]
@@ -244,13 +247,13 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         return [self._cache['t_feats'][i][rows] for i in self.tapped_decoder_stages]
 
     @torch.no_grad()
-    def _teacher_representation(self, batch: SemiSegBatch) -> torch.Tensor:
+    def _teacher_representation(self, num_labeled: int) -> torch.Tensor:
         """Teacher reps of the labelled and unlabelled rows (CutMix-ed like the student's input), ``[B, D, *sp_rep]``,
         no gradient."""
         teacher = self.teacher.module['rep_head'](self._teacher_features(slice(None)))   # channels-last memory
         if self._cache['box'] is not None:
-            n = batch.num_labeled
-            # pasted into the map's own unlabelled rows: no second whole map (the step's peak sits here)
+            n = num_labeled
+            # pasted into the map's own unlabelled rows: no second whole map
             teacher[n:].copy_(_paste_like_cutmix(teacher[n:], self._cache['box']))
         return teacher
 
@@ -286,6 +289,16 @@ class PixelContrastMethod(nnUNetTrainerContrastiveBase):
             'equivariance': EquivarianceLoss(),
         }
 
+    def prepare_student_input(self, data, data_weak, data_strong):
+        x, rows = super().prepare_student_input(data, data_weak, data_strong)
+        if not self.in_pretraining and self._cache['t_feats']:
+            # the teacher's map is made before the student's forward, and the teacher's tapped features (52 MB on the
+            # development plans) go with it: they would otherwise live beside the student's graph until the terms
+            with torch.no_grad():
+                self._cache['t_rep'] = self._teacher_representation(data.shape[0])
+            self._release_teacher_features()
+        return x, rows
+
     def wants_second_pass(self) -> bool:
         return (not self.in_pretraining and self.lambda_equivariance > 0 and self.equivariance_second_pass
                 and not self.rows_share_batch_statistics())
@@ -316,7 +329,7 @@ class PixelContrastMethod(nnUNetTrainerContrastiveBase):
         n = batch.num_labeled
         labels, probs, conf = self._labels_probs_conf(batch)
         student = self._student_representation(batch, predictor='rep_predictor')
-        teacher = self._teacher_representation(batch)
+        teacher = self._cache.pop('t_rep')        # made in prepare_student_input
         low = torch.ones_like(labels, dtype=torch.bool)
         high = low.clone()
         if batch.has_unlabeled:

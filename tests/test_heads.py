@@ -65,3 +65,21 @@ def test_predictor_and_embedding_head_shapes_2d_3d():
     assert torch.allclose(emb(x.mean((2, 3, 4), keepdim=True).expand_as(x)), emb(x.mean((2, 3, 4))), atol=1e-6)
     with pytest.raises(ValueError, match='EmbeddingHead'):
         emb(torch.randn(3, 32, 4, 4))
+
+
+def test_take_detached_hands_over_a_fresh_map_and_never_a_shared_one():
+    """The anatomical contrast normalises a map it owns in place; one that ``detached()`` already handed out (or a
+    view of the dense map) is not owned and stays as it was."""
+    from nnunet_semiseg.contrast.anatomical import AnatomicalContrastLoss
+    g = torch.Generator().manual_seed(0)
+    head = FPNProjectionHead(nn.Conv2d, [8, 4], 6, output_level=-1)
+    feats = [torch.randn(2, 8, 4, 4, generator=g), torch.randn(2, 4, 8, 8, generator=g)]
+    fresh, owned = head.represent(feats).take_detached()
+    assert owned and torch.allclose(fresh, head(feats).detach())
+    reps = head.represent(feats)
+    shared = reps.detached()
+    before = shared.clone()
+    labels = torch.randint(0, 3, (2, 8, 8), generator=g)
+    probs = torch.rand(2, 3, 8, 8, generator=g).softmax(1)
+    value = AnatomicalContrastLoss(num_queries=4, num_negatives=5)(reps, labels, probs, generator=g)
+    assert torch.isfinite(value) and reps.take_detached()[1] is False and torch.equal(reps.detached(), before)

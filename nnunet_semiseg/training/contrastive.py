@@ -294,8 +294,7 @@ class PixelContrastMethod(nnUNetTrainerContrastiveBase):
         if not self.in_pretraining and self._cache['t_feats']:
             # the teacher's map is made before the student's forward, and the teacher's tapped features (52 MB on the
             # development plans) go with it: they would otherwise live beside the student's graph until the terms
-            with torch.no_grad():
-                self._cache['t_rep'] = self._teacher_representation(data.shape[0])
+            self._cache['t_rep'] = self._teacher_representation(data.shape[0])
             self._release_teacher_features()
         return x, rows
 

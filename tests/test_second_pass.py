@@ -64,8 +64,10 @@ def test_second_pass_step_equals_the_one_pass_step(phantom):
     assert state_one.keys() == state_two.keys()
     for key, one in state_one.items():
         # momentum buffers hold the (clipped) gradients: 1e-4 of each tensor's largest entry, float32 sums in
-        # another order; weights, teacher and banks: after two SGD steps of lr 1e-2, to 1e-6
-        tolerance = 1e-4 * float(one.float().abs().max()) + 1e-7 if 'momentum' in key else 1e-6
+        # another order, and 1e-6 absolute for a head whose gradient is a cancellation near 0 (its largest entry
+        # 2e-7 on CI's clean clone, apart by 1.1e-7); weights, teacher and banks: after two SGD steps of lr 1e-2,
+        # to 1e-6
+        tolerance = 1e-4 * float(one.float().abs().max()) + 1e-6 if 'momentum' in key else 1e-6
         assert float((state_two[key].float() - one.float()).abs().max()) <= tolerance, key
 
 

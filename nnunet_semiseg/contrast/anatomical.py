@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_semiseg.contrast.pixel_contrast import dots_with_rows
+from nnunet_semiseg.contrast.pixel_contrast import _normalize_rows_, dots_with_rows
 from nnunet_semiseg.heads import RepresentationMap
 
 QuerySampler = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
@@ -239,7 +239,7 @@ class AnatomicalContrastLoss(nn.Module):
                 if owned and feats3.dtype == torch.float32:
                     # read only as unit rows from here on: normalised in place (F.normalize's operations), no
                     # second map beside it (56 MB a map on the development plans)
-                    unit3 = feats3.div_(feats3.norm(dim=1, keepdim=True).clamp_min(1e-12))
+                    unit3 = _normalize_rows_(feats3)
                 else:
                     unit3 = F.normalize(feats3.float(), dim=1)
                 unit = unit3.transpose(1, 2).reshape(-1, dim)                        # [B*S, D] unit rows

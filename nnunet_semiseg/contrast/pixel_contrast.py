@@ -93,8 +93,8 @@ def _randint(high: int, n: int, generator: Optional[torch.Generator], device: to
 
 
 def _normalize_rows_(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """``F.normalize(rows, dim=1)`` written into ``rows [N, D]`` (a tensor the caller owns): the same operations, so
-    the same values, without a second ``[N, D]`` table (up to 15 MB a class per bank push)."""
+    """``F.normalize(rows, dim=1)`` written into ``rows`` (``[N, D]`` or ``[B, D, P]``, a tensor the caller owns): the
+    same operations, so the same values, without a second table of its size (up to 15 MB a class per bank push)."""
     return rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(eps))
 
 

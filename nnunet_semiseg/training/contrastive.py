@@ -252,9 +252,8 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         no gradient."""
         teacher = self.teacher.module['rep_head'](self._teacher_features(slice(None)))   # channels-last memory
         if self._cache['box'] is not None:
-            n = num_labeled
             # pasted into the map's own unlabelled rows: no second whole map
-            teacher[n:].copy_(_paste_like_cutmix(teacher[n:], self._cache['box']))
+            teacher[num_labeled:].copy_(_paste_like_cutmix(teacher[num_labeled:], self._cache['box']))
         return teacher
 
 

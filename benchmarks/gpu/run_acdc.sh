@@ -32,7 +32,7 @@ python3 -c "import sys; from nnunetv2.experiment_planning.plan_and_preprocess_en
 python3 -m nnunet_semiseg.cli preprocess-unlabeled -d 27 -c 2d -np $NP >> $OUT/prep.log 2>&1 || { stamp "preprocess-unlabeled failed"; tail -c 2000 $OUT/prep.log; }
 stamp "preprocessed: $(ls $nnUNet_preprocessed/$D/nnUNetPlans_2d | wc -l) + $(ls $nnUNet_preprocessed/$D/nnUNetPlans_2d_unlabeled 2>/dev/null | wc -l) files"
 # 1. cost per step, full plans, AMP (issue 10); capped so the accuracy runs keep their share
-BT=${BENCH_TRAINERS:-nnUNetTrainer nnUNetTrainerMeanTeacher nnUNetTrainerARCO_SAG nnUNetTrainerARCO_SAG:lambda_equivariance=0 nnUNetTrainerACTIONpp nnUNetTrainerACTION nnUNetTrainerMONA nnUNetTrainerMONA:lambda_equivariance=0 nnUNetTrainerARCO_SG}
+BT=${BENCH_TRAINERS:-nnUNetTrainer nnUNetTrainerMeanTeacher nnUNetTrainerARCO_SAG nnUNetTrainerACTIONpp nnUNetTrainerACTION nnUNetTrainerMONA nnUNetTrainerMONA:lambda_equivariance=0 nnUNetTrainerARCO_SG}
 timeout $(limit $(( $(left) * 7 / 20 ))) python3 benchmarks/bench_trainers.py -d 27 -c 2d -p nnUNetPlans --device $DEV \
   --iterations ${BENCH_IT:-8} --warmup ${BENCH_WU:-2} --trainers $BT --json $OUT/bench_gpu.json > $OUT/bench_gpu.md 2>> $OUT/prep.log
 stamp "bench_trainers rc=$?"; cat $OUT/bench_gpu.md; grep -a "measured\|failed\|Error\|error" $OUT/prep.log | tail -15 | cut -c1-400

@@ -16,6 +16,11 @@ tensors alive plus the highest point of a profiled extra step's allocations, the
 larger phase counted),
 the figure that compares with the GPU's, where only tensors count.
 
+``--rounds R`` repeats the whole list R times, reversing the order every other round, and reports each trainer's
+median over the rounds and its multiple of plain nnU-Net **within each round** (median and range): on shared or
+throttling cores plain's own step drifts by 10-20 % between runs, and a multiple taken inside one round cancels the
+drift that a multiple of two separate runs keeps.
+
 A trainer may carry attribute overrides, ``NAME:attr=value[,attr=value]`` (values as JSON), e.g.
 ``nnUNetTrainerMONA:lambda_equivariance=0``: they are set after the trainer is built, as a subclass would.
 
@@ -25,6 +30,8 @@ Without ``-d`` a phantom dataset is generated and planned in a temporary folder 
     python benchmarks/bench_trainers.py -c 3d_fullres
     python benchmarks/bench_trainers.py -d 27 -c 2d -p nnUNetPlans_cpu --iterations 3 --warmup 1 \\
         --trainers nnUNetTrainer nnUNetTrainerMONA nnUNetTrainerMONA:lambda_equivariance=0
+    python benchmarks/bench_trainers.py -d 27 -c 2d -p nnUNetPlans_cpu --iterations 6 --warmup 2 --rounds 4 \
+        --no-tensor-memory --trainers nnUNetTrainer nnUNetTrainerARCO_SG nnUNetTrainerARCO_SAG
     python benchmarks/bench_trainers.py -d 27 -c 2d -p nnUNetPlans --device cuda   # your planned dataset
 """
 import argparse
@@ -169,6 +176,36 @@ def measure(args) -> dict:
             'peak_mb': peak_mb, 'tensor_peak_mb': tensor_peak_mb or None, 'batch': trainer.batch_size, 'patch': list(trainer.configuration_manager.patch_size)}
 
 
+def combine_rounds(rounds: list) -> list:
+    """Rows of several rounds (each a list of ``measure`` results, plain nnU-Net among them) -> one row per trainer:
+    the median over rounds of each phase's seconds and of the whole-run figures, the largest peak memory, and
+    ``round_multiples``, the trainer's whole-run seconds over plain's *in the same round*, one per round."""
+    import numpy as np
+
+    base = 'nnUNetTrainer'
+    by_trainer = {}
+    for rows in rounds:
+        plain = next((r for r in rows if r['trainer'] == base), None)
+        for r in rows:
+            entry = by_trainer.setdefault(r['trainer'], {'rows': [], 'multiples': []})
+            entry['rows'].append(r)
+            if plain is not None:
+                entry['multiples'].append(r['whole_s'] / plain['whole_s'])
+    combined = []
+    for trainer, entry in by_trainer.items():
+        rows = entry['rows']
+        row = dict(rows[0])
+        row['seconds'] = {k: float(np.median([r['seconds'][k] for r in rows])) for k in rows[0]['seconds']}
+        for key in ('whole_s', 'whole_wait_s', 'whole_without_wait_s'):
+            row[key] = float(np.median([r[key] for r in rows]))
+        for key in ('peak_mb', 'tensor_peak_mb'):
+            values = [r[key] for r in rows if r.get(key)]
+            row[key] = max(values) if values else None
+        row['round_multiples'] = entry['multiples']
+        combined.append(row)
+    return combined
+
+
 def make_phantom(root: str) -> None:
     for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         os.environ[var] = os.path.join(root, var)
@@ -185,13 +222,15 @@ def table(rows, args) -> str:
     base = next((r for r in rows if r['trainer'] == 'nnUNetTrainer'), rows[0])
     # CPU runs: RSS and, beside it, the tensors alone (on CUDA the two are the same figure)
     tensors = args.device == 'cpu' and all(r.get('tensor_peak_mb') for r in rows)
+    rounds = all(r.get('round_multiples') for r in rows)   # --rounds: the within-round multiples
     lines = [f'dataset {args.dataset}, {args.configuration}, plans {args.plans}, device {args.device}, '
              f'batch {base["batch"]} labelled (+ the same unlabelled), patch {base["patch"]}, '
              f'{args.iterations} timed iterations per phase after {args.warmup} warm-up, {args.statistic}',
              '| trainer | pre-training s/it | fine-tuning s/it | whole run s/it | x nnUNetTrainer | peak memory (MB) '
              '| x nnUNetTrainer | unlabelled-data wait s/it | without it: s/it | x nnUNetTrainer |'
-             + (' peak tensors (MB) | x nnUNetTrainer |' if tensors else ''),
-             '|---|---|---|---|---|---|---|---|---|---|' + ('---|---|' if tensors else '')]
+             + (' peak tensors (MB) | x nnUNetTrainer |' if tensors else '')
+             + (' x nnUNetTrainer within each round: median (min-max) |' if rounds else ''),
+             '|---|---|---|---|---|---|---|---|---|---|' + ('---|---|' if tensors else '') + ('---|' if rounds else '')]
     for r in rows:
         pre, fine = r['seconds'].get('pretrain'), r['seconds'].get('finetune')
         cells = [f'{pre:.3f}' if pre is not None else '-', f'{fine:.3f}' if fine is not None else '-']
@@ -202,13 +241,22 @@ def table(rows, args) -> str:
                      f'{r["peak_mb"] / base["peak_mb"]:.2f} | {r["whole_wait_s"]:.3f} | '
                      f'{r["whole_without_wait_s"]:.3f} | {r["whole_without_wait_s"] / base["whole_without_wait_s"]:.2f} |'
                      + (f' {r["tensor_peak_mb"]:.0f} | {r["tensor_peak_mb"] / base["tensor_peak_mb"]:.2f} |'
-                        if tensors else ''))
+                        if tensors else '')
+                     + (f' {_median(r["round_multiples"]):.2f} ({min(r["round_multiples"]):.2f}-'
+                        f'{max(r["round_multiples"]):.2f}) |' if rounds else ''))
     lines.append('Wait: the median time a step spent in next() on the unlabelled loader (plain nnU-Net has none; its '
                  'labelled batch is fetched outside the timed step for every trainer). "Without it": the statistic '
                  'of (step - its wait), i.e. compute when the augmentation workers keep up.'
                  + (' Peak memory: resident set size; peak tensors: tensors alone (tensor_memory.py), what a GPU '
-                    'counts.' if tensors else ''))
+                    'counts.' if tensors else '')
+                 + (f' {len(rows[0]["round_multiples"])} rounds, the order reversed every other round: seconds are '
+                    'medians over the rounds, the last column each round\'s own multiple.' if rounds else ''))
     return '\n'.join(lines)
+
+
+def _median(values):
+    import numpy as np
+    return float(np.median(values))
 
 
 def main():
@@ -223,6 +271,9 @@ def main():
                    help='phases of the two-stage trainers to time (whole run: both)')
     p.add_argument('--statistic', choices=['median', 'min'], default='median',
                    help='of the timed steps of a phase; min (best of N) discounts steps slowed by other processes')
+    p.add_argument('--rounds', type=int, default=1,
+                   help='repeat the list this many times, the order reversed every other round; multiples of plain '
+                        'are then taken within each round (needs nnUNetTrainer in --trainers)')
     p.add_argument('--device', default='cpu')
     p.add_argument('--no-tensor-memory', dest='tensor_memory', action='store_false',
                    help='on CPU, skip the profiled step that measures peak tensor memory')
@@ -244,9 +295,28 @@ def main():
         args.dataset, args.plans = '995', args.plans or 'nnUNetPlans_demo'
     args.plans = args.plans or 'nnUNetPlans'
     env.setdefault('nnUNet_n_proc_DA', '2' if args.device == 'cpu' else '8')
-    rows = []
     for trainer in args.trainers:
         parse_trainer(trainer)  # fail early on a malformed spec
+    if args.rounds > 1 and 'nnUNetTrainer' not in args.trainers:
+        sys.exit('--rounds takes multiples within each round: add nnUNetTrainer to --trainers')
+    rounds = []
+    for round_index in range(args.rounds):
+        order = args.trainers if round_index % 2 == 0 else args.trainers[::-1]
+        rounds.append(run_round(order, args, env, rounds))
+    rows = rounds[0] if args.rounds == 1 else combine_rounds(rounds)
+    if not rows:
+        sys.exit(1)
+    if args.json and args.rounds > 1:   # 'rows' as in a single round: one per trainer, here the medians
+        with open(args.json, 'w') as fh:
+            json.dump({'args': vars(args), 'rows': rows, 'rounds': rounds}, fh, indent=1)
+    print()
+    print(table(rows, args))
+
+
+def run_round(trainers, args, env, done) -> list:
+    """Measures each trainer in its own subprocess; ``done`` holds the earlier rounds (for ``--json``)."""
+    rows = []
+    for trainer in trainers:
         cmd = [sys.executable, os.path.abspath(__file__), '--single', trainer, '-d', args.dataset, '-c',
                args.configuration, '-p', args.plans, '--iterations', str(args.iterations), '--warmup',
                str(args.warmup), '--phase', args.phase, '--device', args.device, '--statistic', args.statistic]
@@ -258,15 +328,12 @@ def main():
             print(f'{trainer} failed:\n{out.stderr[-2000:]}', file=sys.stderr)
             continue
         rows.append(json.loads(line[0][len('RESULT '):]))
-        print(f'  measured {trainer}: {rows[-1]["seconds"]} s/it, peak {rows[-1]["peak_mb"]:.0f} MB', file=sys.stderr,
-              flush=True)
+        print(f'  round {len(done) + 1}: measured {trainer}: {rows[-1]["seconds"]} s/it, peak '
+              f'{rows[-1]["peak_mb"]:.0f} MB', file=sys.stderr, flush=True)
         if args.json:  # after every trainer, so an interrupted run keeps what it measured
             with open(args.json, 'w') as fh:
-                json.dump({'args': vars(args), 'rows': rows}, fh, indent=1)
-    if not rows:
-        sys.exit(1)
-    print()
-    print(table(rows, args))
+                json.dump({'args': vars(args), 'rows': rows, 'rounds': done + [rows]}, fh, indent=1)
+    return rows
 
 
 if __name__ == '__main__':

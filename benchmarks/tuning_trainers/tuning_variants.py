@@ -2,7 +2,7 @@
 init arguments by name, so each variant spells out nnU-Net's signature."""
 import torch
 
-from nnunet_semiseg.training.action import nnUNetTrainerACTIONpp
+from nnunet_semiseg.training.action import nnUNetTrainerACTION, nnUNetTrainerACTIONpp
 from nnunet_semiseg.training.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_semiseg.training.mona_arco import nnUNetTrainerARCO_SAG
 
@@ -87,3 +87,12 @@ class nnUNetTrainerARCO_SAG_c01(nnUNetTrainerARCO_SAG):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.lambda_contrast = 0.1
+
+
+class nnUNetTrainerACTION_c01(nnUNetTrainerACTION):
+    """ACTION with its anatomical contrast at 0.1 instead of the released code's 0.01, as ACTION++'s c01 variant."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.lambda_anco = 0.1

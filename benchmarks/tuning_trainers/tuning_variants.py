@@ -96,3 +96,15 @@ class nnUNetTrainerACTION_c01(nnUNetTrainerACTION):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.lambda_anco = 0.1
+
+
+class nnUNetTrainerACTIONpp_w1(nnUNetTrainerACTIONpp):
+    """ACTION++ at its papers' fine-tuning weights: supervised, pseudo-label, anatomical and supervised contrast
+    weighted equally (1 : 1 : 1 : 1; ACTION and ACTION++ papers), where the released code, our default, weights the
+    two contrastive terms 0.01 (docs/action.md, D3). The c01 variant lies between."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.lambda_anco = 1.0
+        self.lambda_ascl = 1.0

@@ -44,6 +44,10 @@ def test_trains_through_both_stages(phantom, name, configuration):
     if name.startswith('nnUNetTrainerARCO') or (name == 'nnUNetTrainerMONA' and configuration == '3d_fullres'):
         # MONA's released 2D term: not ARCO's, and not in 3D
         assert trainer.lambda_equivariance == 0 and np.isnan(log['train_equivariance']).all()
+    if name.startswith('nnUNetTrainerACTION'):
+        # ACTION++'s contrastive weights are 0.1 (docs/tuning.md, runs 19-21); ACTION keeps the released code's 0.01
+        expected = (0.1, 0.1) if name == 'nnUNetTrainerACTIONpp' else (0.01, 0.01)
+        assert (trainer.lambda_anco, trainer.lambda_ascl) == expected
     assert trainer.semiseg_modules['global_kl'].bank.count > 0 and trainer.semiseg_modules['local_kl'].bank.count > 0
     ckpt = torch.load(os.path.join(trainer.output_folder, 'checkpoint_final.pth'), weights_only=False)
     modules = ckpt['semiseg_state']['modules']

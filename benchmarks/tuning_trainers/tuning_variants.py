@@ -65,11 +65,13 @@ class nnUNetTrainerACTIONpp_ramp50(nnUNetTrainerACTIONpp):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.unsup_rampup_fraction = 0.5
+        self.lambda_anco = self.lambda_ascl = 0.01   # ACTION++'s contrastive weights when run 17 ran
 
 
 class nnUNetTrainerACTIONpp_c01(nnUNetTrainerACTIONpp):
     """ACTION++ with its contrastive terms at 0.1 instead of the released code's 0.01: at 0.01 they carry under 2 %
-    of the supervised gradient (docs/tuning.md, "Which term drives the update")."""
+    of the supervised gradient (docs/tuning.md, "Which term drives the update"). ACTION++'s default since run 21:
+    kept so that the runs' folders keep their name."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -108,3 +110,14 @@ class nnUNetTrainerACTIONpp_w1(nnUNetTrainerACTIONpp):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.lambda_anco = 1.0
         self.lambda_ascl = 1.0
+
+
+class nnUNetTrainerACTIONpp_c001(nnUNetTrainerACTIONpp):
+    """ACTION++ at the released code's contrastive weights, 0.01: its default until run 21, and the trainer of runs
+    14-17 (their folders are named ``nnUNetTrainerACTIONpp``)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.lambda_anco = 0.01
+        self.lambda_ascl = 0.01

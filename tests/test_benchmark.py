@@ -113,6 +113,23 @@ def test_out_with_other_settings_or_foreign_files_is_refused(tmp_path):
     assert runner.check_out(str(tmp_path / 'new'), settings) is None
 
 
+def test_setting_differences_compare_settings_not_training_state():
+    from nnunet_semiseg.benchmark.child import setting_differences
+
+    class Trainer:
+        def __init__(self):
+            self.lambda_anco, self.use_ascl, self.sampler = 0.1, True, 'sag'
+            self.current_epoch, self.semiseg_step = 0, 0               # training state
+            self.optimizer, self._private = None, 3                    # set when training starts; private
+            self.output_folder = os.path.join('results', 'fold_0')     # a path
+            self.new_setting = 2                                        # not in an older run's record
+
+    recorded = {'lambda_anco': '0.01', 'use_ascl': 'True', 'sampler': 'sg', 'current_epoch': '3',
+                'semiseg_step': '750', 'optimizer': 'SGD (...)', '_private': '4',
+                'output_folder': os.path.join('elsewhere', 'fold_0')}
+    assert setting_differences(recorded, Trainer()) == [('lambda_anco', '0.01', '0.1'), ('sampler', 'sg', 'sag')]
+
+
 def _no_training(*args, **kwargs):
     raise AssertionError('a run was started')
 
@@ -174,6 +191,17 @@ def test_benchmark_end_to_end_and_resume(phantom, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, '_run_child', _no_training)
     again = runner.run_benchmark(phantom['id'], '2d', ['nnUNetTrainerMeanTeacher'], str(out), **kwargs)
     assert again['runs'] == data['runs']
+    # a run made with other trainer settings (here: as if Mean Teacher's default weight had changed since) is
+    # neither skipped nor continued: refused, naming the run and the setting, before anything runs
+    debug = out / 'nnUNetTrainerMeanTeacher__seed0' / phantom['name'] / \
+        'nnUNetTrainerMeanTeacher__nnUNetPlans_cpu__2d' / 'fold_0' / 'debug.json'
+    recorded = json.loads(debug.read_text())
+    assert recorded['consistency_weight'] == '0.1'
+    debug.write_text(json.dumps(dict(recorded, consistency_weight='0.5')))
+    with pytest.raises(runner.BenchmarkInputError,
+                       match=r'(?s)1 run\(s\).*nnUNetTrainerMeanTeacher seed 0 .*consistency_weight 0.5 there, 0.1 now'):
+        runner.run_benchmark(phantom['id'], '2d', ['nnUNetTrainerMeanTeacher'], str(out), **kwargs)
+    debug.write_text(json.dumps(recorded))
     # other settings on the same OUT: refused, nothing touched
     before = (out / 'benchmark.json').read_text()
     with pytest.raises(runner.BenchmarkInputError, match='other settings'):

@@ -195,6 +195,60 @@ def resume_point(fold_folder: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------- the run
+def build_trainer(spec: dict, plans: dict, device):
+    """The run's trainer as ``nnUNetv2_train --c`` builds it, with the benchmark's schedule set."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunet_semiseg.discovery import find_trainer
+    plans = dict(plans, continue_training=True)  # what nnUNetv2_train --c sets
+    dataset_json = load_json(os.path.join(spec['preprocessed_folder'], 'dataset.json'))
+    trainer = find_trainer(spec['trainer'])(plans, spec['configuration'], int(spec['fold']), dataset_json, device)
+    trainer.num_epochs = int(spec['epochs'])
+    trainer.num_iterations_per_epoch = int(spec['iterations_per_epoch'])
+    trainer.num_val_iterations_per_epoch = int(spec['val_iterations_per_epoch'])
+    trainer.save_every = 1  # checkpoint_latest after every epoch, so a killed run loses at most one epoch
+    return trainer
+
+
+# attributes that training changes (nnU-Net's debug.json records them as they were when the last session started)
+RUN_STATE = frozenset({'current_epoch', 'semiseg_step', 'in_pretraining', 'was_initialized', 'num_unlabeled_cases',
+                       'nonfinite_steps_skipped', 'local_rank', 'is_ddp'})
+
+
+def setting_differences(recorded: dict, trainer) -> list:
+    """The trainer's settings that a run's ``debug.json`` (nnU-Net's record of every trainer attribute, as text,
+    written when a training session starts) holds with another value: ``[(name, then, now)]``, sorted by name.
+
+    Settings are the freshly built trainer's own attributes that hold a bool, int, float, or str that is not a path;
+    private attributes, training state (``RUN_STATE``) and attributes that are None until training starts are not
+    compared (so a setting whose new default is None goes unnoticed)."""
+    differences = []
+    for name, value in sorted(vars(trainer).items()):
+        if name.startswith('_') or name in RUN_STATE or name not in recorded:
+            continue
+        if not isinstance(value, (bool, int, float, str)) or (isinstance(value, str) and os.sep in value):
+            continue
+        if value is None:
+            continue  # most are set when training starts (loaders, optimizer, input channels)
+        if str(value) != recorded[name]:
+            differences.append((name, recorded[name], str(value)))
+    return differences
+
+
+def check(path: str) -> dict:
+    """``{debug_json: [(name, then, now), ...]}`` for the runs listed in ``path`` (written by the parent: the shared
+    spec, with the plans, and each run's trainer and ``debug.json``): which settings changed since each ran."""
+    import torch
+    with open(path) as fh:
+        job = json.load(fh)
+    found = {}
+    for item in job['runs']:
+        trainer = build_trainer(dict(job['spec'], trainer=item['trainer']), job['plans'], torch.device('cpu'))
+        with open(item['debug_json']) as fh:
+            found[item['debug_json']] = setting_differences(json.load(fh), trainer)
+    return found
+
+
 def run(spec: dict) -> dict:
     t_start = time.time()
     import torch
@@ -204,7 +258,6 @@ def run(spec: dict) -> dict:
 
     from nnunet_semiseg.benchmark.runner import evaluation_folders, per_class_names
     from nnunet_semiseg.demo import predict_folder
-    from nnunet_semiseg.discovery import find_trainer
     from nnunet_semiseg.evaluation import evaluate_folder
 
     trainer_name, seed, run_dir = spec['trainer'], int(spec['seed']), spec['run_dir']
@@ -218,15 +271,8 @@ def run(spec: dict) -> dict:
     install_seeded_augmenters(seed)
 
     pre = spec['preprocessed_folder']
-    cls = find_trainer(trainer_name)
-    plans = load_json(os.path.join(pre, spec['plans'] + '.json'))
-    plans['continue_training'] = True  # what nnUNetv2_train --c sets
-    dataset_json = load_json(os.path.join(pre, 'dataset.json'))
-    trainer = cls(plans, spec['configuration'], int(spec['fold']), dataset_json, device)
-    trainer.num_epochs = int(spec['epochs'])
-    trainer.num_iterations_per_epoch = int(spec['iterations_per_epoch'])
-    trainer.num_val_iterations_per_epoch = int(spec['val_iterations_per_epoch'])
-    trainer.save_every = 1  # checkpoint_latest after every epoch, so a killed run loses at most one epoch
+    trainer = build_trainer(spec, load_json(os.path.join(pre, spec['plans'] + '.json')), device)
+    dataset_json = trainer.dataset_json
 
     timer = RunTimer(os.path.join(run_dir, 'timing.json'), trainer, device)
     start_point = resume_point(trainer.output_folder)
@@ -287,8 +333,12 @@ def run(spec: dict) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == '--check':
+        print('RESULT ' + json.dumps(check(argv[1])), flush=True)
+        return 0
     if len(argv) != 1:
-        print('usage: python -m nnunet_semiseg.benchmark.child RUN_DIR/spec.json', file=sys.stderr)
+        print('usage: python -m nnunet_semiseg.benchmark.child RUN_DIR/spec.json  (or --check JOB.json)',
+              file=sys.stderr)
         return 2
     with open(argv[0]) as fh:
         run(json.load(fh))

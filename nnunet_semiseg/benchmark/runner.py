@@ -221,6 +221,47 @@ def check_out(out: str, settings: dict) -> Optional[dict]:
     return existing
 
 
+def check_runs_unchanged(out: str, runs: Sequence[Tuple[int, str]], settings: dict, plans: dict, pre: str) -> None:
+    """Refuse to skip or continue a run in ``out`` that its trainer would no longer make: a finished run would be
+    reported under the trainer's name with the settings it ran with, and an interrupted one would continue with
+    others. Compares the settings nnU-Net recorded when the run's training started (``debug.json``) with the trainer
+    built now, in one subprocess (:func:`nnunet_semiseg.benchmark.child.check`)."""
+    import tempfile
+    listed = []
+    for seed, trainer in runs:
+        debug = os.path.join(out, run_dir_name(trainer, seed), settings['dataset'],
+                             f'{trainer}__{settings["plans"]}__{settings["configuration"]}', f'fold_{settings["fold"]}',
+                             'debug.json')
+        if os.path.isfile(debug):
+            listed.append({'trainer': trainer, 'seed': seed, 'debug_json': debug})
+    if not listed:
+        return
+    spec = {'preprocessed_folder': pre, 'configuration': settings['configuration'], 'fold': settings['fold'],
+            'epochs': settings['epochs'], 'iterations_per_epoch': settings['iterations_per_epoch'],
+            'val_iterations_per_epoch': settings['val_iterations_per_epoch']}
+    with tempfile.TemporaryDirectory() as tmp:
+        job = os.path.join(tmp, 'check.json')
+        _write_json(job, {'spec': spec, 'plans': plans, 'runs': listed})
+        proc = subprocess.run([sys.executable, '-m', 'nnunet_semiseg.benchmark.child', '--check', job],
+                              capture_output=True, text=True, env=dict(os.environ, nnUNet_results=tmp))
+    result = [line for line in proc.stdout.splitlines() if line.startswith('RESULT ')]
+    if proc.returncode != 0 or not result:
+        raise BenchmarkInputError(f'could not compare the runs in {out} with the trainers as they are now:\n'
+                                  f'{proc.stderr[-2000:]}')
+    found = json.loads(result[0][len('RESULT '):])
+    changed = [(item, found[item['debug_json']]) for item in listed if found[item['debug_json']]]
+    if changed:
+        lines = [f'  {item["trainer"]} seed {item["seed"]} ({os.path.relpath(os.path.dirname(item["debug_json"]), out)}'
+                 f'): ' + '; '.join(f'{name} {then} there, {now} now' for name, then, now in differences)
+                 for item, differences in changed]
+        raise BenchmarkInputError(
+            f'{len(changed)} run(s) in {out} were trained with other settings than their trainers have now (a default '
+            f'changed, or a trainer was edited, since they ran):\n' + '\n'.join(lines) + '\nSkipping them would '
+            'report their results under the trainers\' names, and continuing them would mix the two. Benchmark the '
+            'trainers as they are now in another folder (-o NEW), or delete those run folders to redo them; nothing '
+            'was run or changed.')
+
+
 def collect_records(out: str) -> List[dict]:
     records = []
     for entry in sorted(os.listdir(out)):
@@ -361,6 +402,7 @@ def run_benchmark(dataset: str, configuration: str, trainers: Sequence[str], out
         'torch': torch.__version__, 'trainers': names, 'seeds': seeds,
     }
     existing = check_out(out, settings)
+    check_runs_unchanged(out, [(s, t) for s in seeds for t in names], settings, used_plans, pre)
     # -------------------------------------------------------------------- all checks passed: from here on we write
     os.makedirs(out, exist_ok=True)
     if derived_path is not None:

@@ -226,10 +226,9 @@ def setting_differences(recorded: dict, trainer) -> list:
     for name, value in sorted(vars(trainer).items()):
         if name.startswith('_') or name in RUN_STATE or name not in recorded:
             continue
+        # None (not an instance of these) is what loaders, optimizer and input channels hold until training starts
         if not isinstance(value, (bool, int, float, str)) or (isinstance(value, str) and os.sep in value):
             continue
-        if value is None:
-            continue  # most are set when training starts (loaders, optimizer, input channels)
         if str(value) != recorded[name]:
             differences.append((name, recorded[name], str(value)))
     return differences

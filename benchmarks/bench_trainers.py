@@ -30,7 +30,7 @@ Without ``-d`` a phantom dataset is generated and planned in a temporary folder 
     python benchmarks/bench_trainers.py -c 3d_fullres
     python benchmarks/bench_trainers.py -d 27 -c 2d -p nnUNetPlans_cpu --iterations 3 --warmup 1 \\
         --trainers nnUNetTrainer nnUNetTrainerMONA nnUNetTrainerMONA:lambda_equivariance=0
-    python benchmarks/bench_trainers.py -d 27 -c 2d -p nnUNetPlans_cpu --iterations 6 --warmup 2 --rounds 4 \
+    python benchmarks/bench_trainers.py -d 27 -c 2d -p nnUNetPlans_cpu --iterations 6 --warmup 2 --rounds 4 \\
         --no-tensor-memory --trainers nnUNetTrainer nnUNetTrainerARCO_SG nnUNetTrainerARCO_SAG
     python benchmarks/bench_trainers.py -d 27 -c 2d -p nnUNetPlans --device cuda   # your planned dataset
 """

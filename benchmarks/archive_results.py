@@ -1,0 +1,84 @@
+"""Keep the records of a ``nnunet-semiseg benchmark`` folder without its models and predictions.
+
+A benchmark folder holds about 80 MB per run (two checkpoints, predictions); what its tables are made from is a few
+tens of kB: ``benchmark.json`` / ``benchmark.md``, and per finished run ``run.json``, ``timing.json``,
+``metrics.json`` (per-case Dice, HD95, ...) and nnU-Net's training log (losses and validation pseudo Dice per
+epoch). This copies those, in the same layout, so that ``benchmarks/per_case.py`` and the figures in ``docs/`` can be
+checked after the machine that trained the models is gone::
+
+    python benchmarks/archive_results.py /work/runs/bench_acdc_500 benchmarks/results/acdc_dev_4x500
+
+Unfinished runs (no ``run.json``) are skipped. Files already in ``DEST`` are replaced only by the same run's newer
+records; nothing else in ``DEST`` is touched, so several sessions' runs of one benchmark collect in one folder.
+``DEST/benchmark.json`` keeps the union of the runs of both folders.
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+from typing import List
+
+RUN_FILES = ('run.json', 'timing.json', 'metrics.json')
+
+
+def _load(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def archive(out: str, dest: str) -> List[str]:
+    """Copy the records of ``out``'s finished runs into ``dest``; returns the run folders copied."""
+    bench_file = os.path.join(out, 'benchmark.json')
+    if not os.path.isfile(bench_file):
+        raise SystemExit(f'{out} has no benchmark.json: give the -o folder of a `nnunet-semiseg benchmark` run')
+    bench = _load(bench_file)
+    copied = []
+    for run in bench.get('runs', []):
+        run_dir = os.path.dirname(run['predictions'])  # <trainer>__seed<S>, relative to out
+        src = os.path.join(out, run_dir)
+        if not os.path.isfile(os.path.join(src, 'run.json')):
+            continue
+        dst = os.path.join(dest, run_dir)
+        os.makedirs(dst, exist_ok=True)
+        for name in RUN_FILES:
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+        logs = sorted(glob.glob(os.path.join(src, '*', '*', 'fold_*', 'training_log_*.txt')))
+        for log in logs:  # one per training session (a continued run has several)
+            shutil.copy2(log, os.path.join(dst, os.path.basename(log)))
+        copied.append(run_dir)
+    dest_file = os.path.join(dest, 'benchmark.json')
+    if os.path.isfile(dest_file):  # merge: runs of earlier archives that this folder no longer holds stay listed
+        kept = {(r['trainer'], r['seed']): r for r in _load(dest_file).get('runs', [])}
+        kept.update({(r['trainer'], r['seed']): r for r in bench.get('runs', [])})
+        bench = dict(bench, runs=sorted(kept.values(), key=lambda r: (r['trainer'] != 'nnUNetTrainer',
+                                                                       r['trainer'], r['seed'])))
+        bench.pop('summary', None)  # computed over the old folder's runs only: per_case.py recomputes what it needs
+    os.makedirs(dest, exist_ok=True)
+    with open(dest_file, 'w') as fh:
+        json.dump(bench, fh, indent=1)
+    if os.path.isfile(os.path.join(out, 'benchmark.md')):
+        shutil.copy2(os.path.join(out, 'benchmark.md'), os.path.join(dest, f'benchmark_{_stamp(out)}.md'))
+    return copied
+
+
+def _stamp(out: str) -> str:
+    """A name for this folder's table: the run set it covers, so archives of later sessions do not overwrite it."""
+    runs = [r for r in _load(os.path.join(out, 'benchmark.json')).get('runs', [])]
+    seeds = sorted({int(r['seed']) for r in runs})
+    return 'seeds' + '-'.join(str(s) for s in seeds) if seeds else 'empty'
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('out', help='the benchmark output folder (-o of nnunet-semiseg benchmark)')
+    parser.add_argument('dest', help='where to keep the records (created if missing)')
+    args = parser.parse_args(argv)
+    copied = archive(args.out, args.dest)
+    print(f'archived {len(copied)} finished run(s) into {args.dest}: ' + ', '.join(copied))
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""benchmarks/archive_results.py: a benchmark folder's records, without models, kept where per_case.py reads them."""
+import json
+import os
+
+import pytest
+
+
+@pytest.fixture(scope='module')
+def archive_results(load_script):
+    return load_script('benchmarks/archive_results.py')
+
+
+@pytest.fixture(scope='module')
+def per_case(load_script):
+    return load_script('benchmarks/per_case.py')
+
+
+def _write(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as fh:
+        fh.write(data if isinstance(data, str) else json.dumps(data))
+
+
+def _bench(root, runs, unfinished=()):
+    """A benchmark folder: finished runs ``(trainer, seed, dice)`` with records, a model folder and predictions."""
+    records = []
+    for trainer, seed, dice in runs:
+        run = f'{trainer}__seed{seed}'
+        records.append({'trainer': trainer, 'seed': seed, 'predictions': f'{run}/predictions'})
+        _write(os.path.join(root, run, 'run.json'), records[-1])
+        _write(os.path.join(root, run, 'timing.json'), {'train_wall_s': 1.0})
+        _write(os.path.join(root, run, 'metrics.json'), {'metric_per_case': [
+            {'reference_file': '/l/c0.nii.gz', 'metrics': {'1': {'dice': dice}}}]})
+        fold = os.path.join(root, run, 'Dataset001_X', f'{trainer}__nnUNetPlans__2d', 'fold_0')
+        _write(os.path.join(fold, 'training_log_2026_1_1_00_00_00.txt'), 'Epoch 0\n')
+        _write(os.path.join(fold, 'checkpoint_final.pth'), 'weights')
+        _write(os.path.join(root, run, 'predictions', 'c0.nii.gz'), 'image')
+    for trainer, seed in unfinished:
+        _write(os.path.join(root, f'{trainer}__seed{seed}', 'train.log'), 'started')
+    _write(os.path.join(root, 'benchmark.json'), {'settings': {}, 'runs': records, 'summary': {}})
+    _write(os.path.join(root, 'benchmark.md'), '# table\n')
+    return root
+
+
+def _files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_keeps_records_not_models(archive_results, tmp_path):
+    out = _bench(str(tmp_path / 'out'), [('nnUNetTrainer', 1, 0.6), ('nnUNetTrainerACTIONpp', 1, 0.7)],
+                 unfinished=[('nnUNetTrainerX', 1)])
+    dest = str(tmp_path / 'kept')
+    assert archive_results.archive(out, dest) == ['nnUNetTrainer__seed1', 'nnUNetTrainerACTIONpp__seed1']
+    run_files = ['metrics.json', 'run.json', 'timing.json', 'training_log_2026_1_1_00_00_00.txt']
+    assert _files(dest) == ['benchmark.json', 'benchmark_seeds1.md'] + \
+        [f'nnUNetTrainerACTIONpp__seed1/{f}' for f in run_files] + [f'nnUNetTrainer__seed1/{f}' for f in run_files]
+
+
+def test_later_archives_add_runs_and_per_case_reads_them(archive_results, per_case, tmp_path):
+    dest = str(tmp_path / 'kept')
+    archive_results.archive(_bench(str(tmp_path / 'a'), [('nnUNetTrainer', 0, 0.5),
+                                                         ('nnUNetTrainerACTIONpp', 0, 0.8)]), dest)
+    archive_results.archive(_bench(str(tmp_path / 'b'), [('nnUNetTrainer', 1, 0.6),
+                                                         ('nnUNetTrainerACTIONpp', 1, 0.7)]), dest)
+    runs = per_case.load_runs(dest)
+    assert [(t, s, d['c0']['1']) for t, s, d in runs] == [
+        ('nnUNetTrainer', 0, 0.5), ('nnUNetTrainer', 1, 0.6),
+        ('nnUNetTrainerACTIONpp', 0, 0.8), ('nnUNetTrainerACTIONpp', 1, 0.7)]
+    assert {'benchmark_seeds0.md', 'benchmark_seeds1.md'} <= set(os.listdir(dest))
+    assert '| ACTIONpp s0 | +0.300 |' in per_case.report(runs)
+
+
+def test_not_a_benchmark_folder_names_the_fix(archive_results, tmp_path):
+    with pytest.raises(SystemExit, match='has no benchmark.json'):
+        archive_results.archive(str(tmp_path), str(tmp_path / 'kept'))

@@ -20,6 +20,8 @@ import shutil
 import sys
 from typing import List
 
+from nnunet_semiseg.benchmark.report import BASELINE
+
 RUN_FILES = ('run.json', 'timing.json', 'metrics.json')
 
 
@@ -34,6 +36,7 @@ def archive(out: str, dest: str) -> List[str]:
     if not os.path.isfile(bench_file):
         raise SystemExit(f'{out} has no benchmark.json: give the -o folder of a `nnunet-semiseg benchmark` run')
     bench = _load(bench_file)
+    table_name = f'benchmark_{_stamp(bench)}.md'
     copied = []
     for run in bench.get('runs', []):
         run_dir = os.path.dirname(run['predictions'])  # <trainer>__seed<S>, relative to out
@@ -53,21 +56,21 @@ def archive(out: str, dest: str) -> List[str]:
     if os.path.isfile(dest_file):  # merge: runs of earlier archives that this folder no longer holds stay listed
         kept = {(r['trainer'], r['seed']): r for r in _load(dest_file).get('runs', [])}
         kept.update({(r['trainer'], r['seed']): r for r in bench.get('runs', [])})
-        bench = dict(bench, runs=sorted(kept.values(), key=lambda r: (r['trainer'] != 'nnUNetTrainer',
+        bench = dict(bench, runs=sorted(kept.values(), key=lambda r: (r['trainer'] != BASELINE,
                                                                        r['trainer'], r['seed'])))
         bench.pop('summary', None)  # computed over the old folder's runs only: per_case.py recomputes what it needs
     os.makedirs(dest, exist_ok=True)
     with open(dest_file, 'w') as fh:
         json.dump(bench, fh, indent=1)
     if os.path.isfile(os.path.join(out, 'benchmark.md')):
-        shutil.copy2(os.path.join(out, 'benchmark.md'), os.path.join(dest, f'benchmark_{_stamp(out)}.md'))
+        shutil.copy2(os.path.join(out, 'benchmark.md'), os.path.join(dest, table_name))
     return copied
 
 
-def _stamp(out: str) -> str:
-    """A name for this folder's table: the run set it covers, so archives of later sessions do not overwrite it."""
-    runs = [r for r in _load(os.path.join(out, 'benchmark.json')).get('runs', [])]
-    seeds = sorted({int(r['seed']) for r in runs})
+def _stamp(bench: dict) -> str:
+    """A name for a folder's table (``bench``: its benchmark.json): the seeds it covers, so archives of later
+    sessions do not overwrite it."""
+    seeds = sorted({int(r['seed']) for r in bench.get('runs', [])})
     return 'seeds' + '-'.join(str(s) for s in seeds) if seeds else 'empty'
 
 

@@ -10,7 +10,9 @@ checked after the machine that trained the models is gone::
 
 Unfinished runs (no ``run.json``) are skipped. Files already in ``DEST`` are replaced only by the same run's newer
 records; nothing else in ``DEST`` is touched, so several sessions' runs of one benchmark collect in one folder.
-``DEST/benchmark.json`` keeps the union of the runs of both folders.
+``DEST/benchmark.json`` keeps the union of the finished runs of both folders, with its ``summary`` (spreads over
+seeds, paired differences, cost multiples) and ``settings.trainers`` / ``settings.seeds`` computed over that union,
+as the benchmark command computes them over its own runs.
 """
 import argparse
 import glob
@@ -20,7 +22,7 @@ import shutil
 import sys
 from typing import List
 
-from nnunet_semiseg.benchmark.report import BASELINE
+from nnunet_semiseg.benchmark.report import BASELINE, aggregate
 
 RUN_FILES = ('run.json', 'timing.json', 'metrics.json')
 
@@ -53,18 +55,32 @@ def archive(out: str, dest: str) -> List[str]:
             shutil.copy2(log, os.path.join(dst, os.path.basename(log)))
         copied.append(run_dir)
     dest_file = os.path.join(dest, 'benchmark.json')
+    runs = bench.get('runs', [])
     if os.path.isfile(dest_file):  # merge: runs of earlier archives that this folder no longer holds stay listed
         kept = {(r['trainer'], r['seed']): r for r in _load(dest_file).get('runs', [])}
-        kept.update({(r['trainer'], r['seed']): r for r in bench.get('runs', [])})
-        bench = dict(bench, runs=sorted(kept.values(), key=lambda r: (r['trainer'] != BASELINE,
-                                                                       r['trainer'], r['seed'])))
-        bench.pop('summary', None)  # computed over the old folder's runs only: per_case.py recomputes what it needs
+        kept.update({(r['trainer'], r['seed']): r for r in runs})
+        runs = list(kept.values())
+    bench = _with_summary(bench.get('settings', {}), runs)
     os.makedirs(dest, exist_ok=True)
     with open(dest_file, 'w') as fh:
         json.dump(bench, fh, indent=1)
     if os.path.isfile(os.path.join(out, 'benchmark.md')):
         shutil.copy2(os.path.join(out, 'benchmark.md'), os.path.join(dest, table_name))
     return copied
+
+
+def _with_summary(settings: dict, runs: List[dict]) -> dict:
+    """benchmark.json's content for ``runs`` (finished runs' records): the trainers and seeds those runs cover, not
+    those the command was asked for (a run still unfinished when the folder was archived is not in the archive),
+    and the summary recomputed over them."""
+    baseline = settings.get('baseline', BASELINE)
+    runs = sorted(runs, key=lambda r: (r['trainer'] != baseline, r['trainer'], r['seed']))
+    settings = dict(settings, trainers=list(dict.fromkeys([baseline] + [r['trainer'] for r in runs])),
+                    seeds=sorted({int(r['seed']) for r in runs}))
+    data = {'settings': settings, 'runs': runs}
+    if runs:
+        data['summary'] = aggregate(runs, baseline)
+    return data
 
 
 def _stamp(bench: dict) -> str:

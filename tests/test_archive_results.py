@@ -26,7 +26,12 @@ def _bench(root, runs, unfinished=()):
     records = []
     for trainer, seed, dice in runs:
         run = f'{trainer}__seed{seed}'
-        records.append({'trainer': trainer, 'seed': seed, 'predictions': f'{run}/predictions'})
+        records.append({'trainer': trainer, 'seed': seed, 'predictions': f'{run}/predictions',
+                        'train_wall_s': 100.0 * (1 + (trainer != 'nnUNetTrainer')), 'peak_memory_mb': 1000.0,
+                        's_per_iteration': {'train': 0.1}, 'semi_supervised': trainer != 'nnUNetTrainer',
+                        'unlabeled_cases': 5, 'metrics': {
+                            'mean': {'dice': dice, 'jaccard': 0.0, 'hd95': 1.0, 'asd': 1.0},
+                            'per_class': {'1': {'dice': dice, 'jaccard': 0.0, 'hd95': 1.0, 'asd': 1.0}}}})
         _write(os.path.join(root, run, 'run.json'), records[-1])
         _write(os.path.join(root, run, 'timing.json'), {'train_wall_s': 1.0})
         _write(os.path.join(root, run, 'metrics.json'), {'metric_per_case': [
@@ -37,7 +42,9 @@ def _bench(root, runs, unfinished=()):
         _write(os.path.join(root, run, 'predictions', 'c0.nii.gz'), 'image')
     for trainer, seed in unfinished:
         _write(os.path.join(root, f'{trainer}__seed{seed}', 'train.log'), 'started')
-    _write(os.path.join(root, 'benchmark.json'), {'settings': {}, 'runs': records, 'summary': {}})
+    settings = {'baseline': 'nnUNetTrainer', 'seeds': sorted({s for _, s, _ in runs} | {s for _, s in unfinished}),
+                'trainers': list(dict.fromkeys(['nnUNetTrainer'] + [t for t, _, _ in runs] + [t for t, _ in unfinished]))}
+    _write(os.path.join(root, 'benchmark.json'), {'settings': settings, 'runs': records, 'summary': {}})
     _write(os.path.join(root, 'benchmark.md'), '# table\n')
     return root
 
@@ -68,6 +75,23 @@ def test_later_archives_add_runs_and_per_case_reads_them(archive_results, per_ca
         ('nnUNetTrainerACTIONpp', 0, 0.8), ('nnUNetTrainerACTIONpp', 1, 0.7)]
     assert {'benchmark_seeds0.md', 'benchmark_seeds1.md'} <= set(os.listdir(dest))
     assert '| ACTIONpp s0 | +0.300 |' in per_case.report(runs)
+
+
+def test_merged_archive_summarises_every_run_and_lists_only_finished_trainers(archive_results, tmp_path):
+    dest = str(tmp_path / 'kept')
+    archive_results.archive(_bench(str(tmp_path / 'a'), [('nnUNetTrainer', 0, 0.5),
+                                                         ('nnUNetTrainerACTIONpp', 0, 0.8)]), dest)
+    archive_results.archive(_bench(str(tmp_path / 'b'), [('nnUNetTrainer', 1, 0.6), ('nnUNetTrainerACTIONpp', 1, 0.7)],
+                                   unfinished=[('nnUNetTrainerARCO_SAG', 1)]), dest)
+    with open(os.path.join(dest, 'benchmark.json')) as fh:
+        kept = json.load(fh)
+    assert kept['settings']['trainers'] == ['nnUNetTrainer', 'nnUNetTrainerACTIONpp']
+    assert kept['settings']['seeds'] == [0, 1]
+    action = kept['summary']['trainers']['nnUNetTrainerACTIONpp']
+    assert action['seeds'] == [0, 1]
+    assert action['paired']['mean']['dice']['per_seed'] == pytest.approx({'0': 0.3, '1': 0.1})
+    assert action['paired']['mean']['dice']['mean'] == pytest.approx(0.2)
+    assert action['cost']['time_x'] == pytest.approx(2.0)
 
 
 def test_not_a_benchmark_folder_names_the_fix(archive_results, tmp_path):

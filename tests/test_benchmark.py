@@ -81,6 +81,23 @@ def test_markdown_rows_and_marks():
     assert '| 3.00 |' in md.split('## Cost')[1]  # MONA's time as a multiple of plain
 
 
+def test_eta_of_a_semi_supervised_trainer_scales_plains_time():
+    def run(trainer, seed, wall, semi=True, sessions=1):
+        return {'trainer': trainer, 'seed': seed, 'last_session_wall_s': wall, 'semi_supervised': semi,
+                'sessions': sessions}
+    plain = [run('nnUNetTrainer', 0, 100.0, semi=False), run('nnUNetTrainer', 1, 140.0, semi=False)]
+    assert runner._estimate('nnUNetTrainerARCO_SAG', [], 'nnUNetTrainer', True) is None
+    assert runner._estimate('nnUNetTrainer', plain, 'nnUNetTrainer') == 120.0
+    # before any semi-supervised run has finished: plain's mean x the measured whole-run multiple
+    assert runner._estimate('nnUNetTrainerARCO_SAG', plain, 'nnUNetTrainer', True) == 360.0
+    assert runner._estimate('nnUNetTrainer_5epochs', plain, 'nnUNetTrainer', False) == 120.0
+    # then: the multiple the folder's own semi-supervised runs measured (a continued run's time is not one run's)
+    records = plain + [run('nnUNetTrainerACTIONpp', 0, 300.0), run('nnUNetTrainerMeanTeacher', 0, 240.0),
+                       run('nnUNetTrainerMONA', 0, 9999.0, sessions=2)]
+    assert runner._estimate('nnUNetTrainerARCO_SAG', records, 'nnUNetTrainer', True) == pytest.approx(120.0 * 2.25)
+    assert runner._estimate('nnUNetTrainerACTIONpp', records, 'nnUNetTrainer', True) == 300.0
+
+
 def test_cpu_preset_plans():
     plans = {'plans_name': 'nnUNetPlans', 'configurations': {
         '2d': {'data_identifier': 'nnUNetPlans_2d', 'batch_size': 13, 'patch_size': [256, 224],

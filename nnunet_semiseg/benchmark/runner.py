@@ -295,13 +295,27 @@ def _hms(seconds: float) -> str:
     return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-def _estimate(trainer: str, records: List[dict], baseline: str) -> Optional[float]:
-    """Seconds one run of ``trainer`` will take, from the finished runs: its own, else the baseline's."""
-    for name in (trainer, baseline):
+# A semi-supervised trainer's whole-run training time over plain nnU-Net's on the same data and schedule, for the
+# estimate before any semi-supervised run has finished in the folder: ACTION++ measured 2.6-2.9x in four quiet
+# whole runs on real ACDC (docs/benchmarks.md, "Whole real-data runs"), the other trainers 2.5-3.9x per step.
+SEMI_SUPERVISED_TIME_X = 3.0
+
+
+def _estimate(trainer: str, records: List[dict], baseline: str, semi_supervised: bool = False) -> Optional[float]:
+    """Seconds one run of ``trainer`` will take, from the folder's finished runs (``records``; runs continued over
+    several sessions are left out, their wall time is not one run's): its own mean; else, for a semi-supervised
+    trainer, the baseline's times the mean multiple of the semi-supervised runs that finished (or
+    ``SEMI_SUPERVISED_TIME_X`` before any has); else the baseline's. None before the baseline has finished."""
+    def mean_time(name):
         times = [r['last_session_wall_s'] for r in records if r['trainer'] == name and r.get('sessions', 1) == 1]
-        if times:
-            return sum(times) / len(times)
-    return None
+        return sum(times) / len(times) if times else None
+
+    own, base = mean_time(trainer), mean_time(baseline)
+    if own is not None or base is None or trainer == baseline or not semi_supervised:
+        return own if own is not None else base
+    semi_names = dict.fromkeys(r['trainer'] for r in records if r.get('semi_supervised'))
+    multiples = [t / base for t in map(mean_time, semi_names) if t is not None]
+    return base * (sum(multiples) / len(multiples) if multiples else SEMI_SUPERVISED_TIME_X)
 
 
 def run_benchmark(dataset: str, configuration: str, trainers: Sequence[str], out: str, seeds: Sequence[int] = (0,),
@@ -423,7 +437,7 @@ def run_benchmark(dataset: str, configuration: str, trainers: Sequence[str], out
             echo(f'{head}: finished earlier, skipped')
             continue
         records = collect_records(out)
-        remaining = [_estimate(t, records, BASELINE) for s, t in todo[k - 1:]
+        remaining = [_estimate(t, records, BASELINE, t in semi) for s, t in todo[k - 1:]
                      if not os.path.isfile(os.path.join(out, run_dir_name(t, s), 'run.json'))]
         this = remaining[0]
         eta = 'ETA after the first run' if this is None else \

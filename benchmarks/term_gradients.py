@@ -8,6 +8,12 @@ and the sum of the others. A real optimizer step follows each measured one.
 
 ``--init`` starts student and teacher from a checkpoint (e.g. a plain nnU-Net model, standing in for the state a
 run reaches), so fine-tuning terms are measured with a teacher that segments; otherwise the weights are random.
+``--values-only`` skips the per-term gradients (one backward per step instead of one per term) and prints every
+``--every``-th step's term values: how the terms move over a few hundred steps, e.g. whether a representation
+collapses (MONA / ARCO's pixel contrast then sits at ``log(1 + negatives)``, 6.2403 for 512)::
+
+    python benchmarks/term_gradients.py -d 27 -p nnUNetPlans_cpu -tr nnUNetTrainerARCO_SAG --phase finetune \
+        --init PLAIN_MODEL/fold_0/checkpoint_final.pth --steps 200 --values-only --every 20
 """
 import argparse
 import json
@@ -23,6 +29,8 @@ def main(argv=None) -> None:
     ap.add_argument('--phase', choices=('pretrain', 'finetune'), default='finetune')
     ap.add_argument('--init', help='checkpoint whose network weights start student and teacher')
     ap.add_argument('--steps', type=int, default=3)
+    ap.add_argument('--values-only', action='store_true', help='term values only, no per-term gradients')
+    ap.add_argument('--every', type=int, default=1, help='print every N-th step')
     args = ap.parse_args(argv)
     import torch
 
@@ -37,7 +45,7 @@ def main(argv=None) -> None:
     if hasattr(t, 'pretrain_iterations'):
         t.semiseg_step = t.pretrain_iterations if args.phase == 'finetune' else 0
     params = [p for p in t.network.parameters() if p.requires_grad]
-    for _ in range(args.steps):
+    for step in range(args.steps):
         batch = next(t.dataloader_train)
         data, target = batch['data'], batch['target']
         u = next(t.dataloader_unlabeled) if getattr(t, 'dataloader_unlabeled', None) is not None else None
@@ -47,18 +55,22 @@ def main(argv=None) -> None:
             t._features.clear()
             method_terms.update(t.second_pass_terms())
         terms = {'supervised': (1.0, supervised), **method_terms}
-        grads, record = [], {'values': {}, 'grad_norms': {}}
-        for name, (w, v) in terms.items():
+        grads, record = [], {'step': step, 'values': {}, 'grad_norms': {}}
+        if args.values_only:
+            record = {'step': step, 'values': {name: round(float(v.detach()), 5) for name, (_, v) in terms.items()}}
+        for name, (w, v) in ([] if args.values_only else terms.items()):
             g = torch.autograd.grad(w * v, params, retain_graph=True, allow_unused=True)
             grads.append(torch.cat([(gi if gi is not None else torch.zeros_like(p)).flatten()
                                     for gi, p in zip(g, params)]))
             record['values'][name] = round(float(v.detach()), 5)
             record['grad_norms'][name] = round(float(grads[-1].norm()), 5)
-        total = torch.stack(grads).sum(0)
-        record['total_grad_norm'] = round(float(total.norm()), 5)
-        record['cos_supervised_rest'] = round(float(torch.nn.functional.cosine_similarity(
-            grads[0], total - grads[0], dim=0)), 4) if len(grads) > 1 else None
-        print(json.dumps(record), flush=True)
+        if grads:
+            total = torch.stack(grads).sum(0)
+            record['total_grad_norm'] = round(float(total.norm()), 5)
+            record['cos_supervised_rest'] = round(float(torch.nn.functional.cosine_similarity(
+                grads[0], total - grads[0], dim=0)), 4) if len(grads) > 1 else None
+        if step % args.every == 0 or step == args.steps - 1:
+            print(json.dumps(record), flush=True)
         t.optimizer.zero_grad(set_to_none=True)
         sum(w * v for w, v in terms.values()).backward()
         torch.nn.utils.clip_grad_norm_(params, 12)
@@ -66,6 +78,8 @@ def main(argv=None) -> None:
         if hasattr(t, 'teacher'):
             t.teacher.update(t._student_bundle)
             t.semiseg_step += 1
+    for loader in ('dataloader_train', 'dataloader_val', 'dataloader_unlabeled'):   # stop their worker processes
+        getattr(getattr(t, loader, None), '_finish', lambda: None)()
     os._exit(0)   # nnU-Net's loader threads would otherwise keep the process alive
 
 

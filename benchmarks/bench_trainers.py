@@ -62,6 +62,23 @@ def parse_trainer(spec: str):
     return name, attributes
 
 
+def add_dataset_arguments(parser) -> None:
+    """``-d`` / ``-c`` / ``-p``: the planned dataset, configuration and plans :func:`build_trainer` reads, for the
+    scripts in ``benchmarks/`` that build one trainer."""
+    parser.add_argument('-d', required=True, help='dataset ID or name, planned and preprocessed')
+    parser.add_argument('-c', default='2d')
+    parser.add_argument('-p', default='nnUNetPlans')
+
+
+def stop_loaders(trainer) -> None:
+    """Stop the worker processes of a trainer's data loaders (training, validation, unlabelled), which would otherwise
+    outlive the script (and hold its stdout open)."""
+    for name in ('dataloader_train', 'dataloader_val', 'dataloader_unlabeled'):
+        loader = getattr(trainer, name, None)
+        if hasattr(loader, '_finish'):
+            loader._finish()
+
+
 def build_trainer(spec: str, dataset, configuration: str, plans_name: str, device, epochs: int = 1000,
                   iterations: int = 250):
     """The trainer ``spec`` (``NAME[:attr=value,...]``) built as ``nnUNetv2_train`` builds it on a planned dataset
@@ -168,9 +185,7 @@ def measure(args) -> dict:
     whole = weighted(seconds)
     whole_wait = weighted({k: v['wait_s'] for k, v in waits.items()})
     whole_without_wait = weighted({k: v['without_wait_s'] for k, v in waits.items()})
-    for loader in (trainer.dataloader_train, trainer.dataloader_val, getattr(trainer, 'dataloader_unlabeled', None)):
-        if hasattr(loader, '_finish'):
-            loader._finish()
+    stop_loaders(trainer)
     return {'trainer': args.single, 'seconds': seconds, 'times': all_times, 'pretrain_share': share, 'whole_s': whole,
             'waits': waits, 'whole_wait_s': whole_wait, 'whole_without_wait_s': whole_without_wait,
             'peak_mb': peak_mb, 'tensor_peak_mb': tensor_peak_mb or None, 'batch': trainer.batch_size, 'patch': list(trainer.configuration_manager.patch_size)}

@@ -20,7 +20,7 @@ import torch
 from torch.profiler import record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_trainers import build_trainer  # noqa: E402
+from bench_trainers import add_dataset_arguments, build_trainer  # noqa: E402
 from tensor_memory import allocations, profile_call  # noqa: E402
 
 PART = 'part: '
@@ -79,9 +79,7 @@ def part_levels(events, begin: int, end: int):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('-d', required=True, help='planned dataset')
-    p.add_argument('-c', default='2d')
-    p.add_argument('-p', default='nnUNetPlans')
+    add_dataset_arguments(p)
     p.add_argument('-tr', required=True, help='NAME or NAME:attr=value[,attr=value]')
     p.add_argument('--phase', choices=['pretrain', 'finetune'], default='finetune',
                    help='phase of a two-stage trainer')

@@ -10,10 +10,9 @@ import os
 
 
 def main(argv=None) -> None:
+    from bench_trainers import add_dataset_arguments, build_trainer
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('-d', required=True, help='dataset ID or name, planned and preprocessed')
-    ap.add_argument('-c', default='2d')
-    ap.add_argument('-p', default='nnUNetPlans')
+    add_dataset_arguments(ap)
     ap.add_argument('-tr', default='nnUNetTrainerMONA', help='NAME[:attr=value,...] as in bench_trainers.py')
     ap.add_argument('--phase', choices=('finetune', 'pretrain'), default='finetune')
     ap.add_argument('--rows', type=int, default=14)
@@ -23,7 +22,6 @@ def main(argv=None) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_trainers import build_trainer
     torch.manual_seed(0)
     _, trainer = build_trainer(args.tr, args.d, args.c, args.p, torch.device('cpu'))
     trainer.on_train_start()

@@ -33,10 +33,9 @@ def stats(vectors, labels, generator):
 
 
 def main(argv=None) -> None:
+    from bench_trainers import add_dataset_arguments, build_trainer, stop_loaders
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('-d', required=True, help='dataset ID or name, planned and preprocessed')
-    ap.add_argument('-c', default='2d')
-    ap.add_argument('-p', default='nnUNetPlans')
+    add_dataset_arguments(ap)
     ap.add_argument('-tr', required=True, help='the trainer the checkpoint was trained with')
     ap.add_argument('--checkpoint', required=True)
     ap.add_argument('--batches', type=int, default=3)
@@ -45,7 +44,6 @@ def main(argv=None) -> None:
     import torch
     import torch.nn.functional as F
 
-    from bench_trainers import build_trainer
     from nnunet_semiseg.contrast.pixel_contrast import resize_nearest
     torch.manual_seed(0)
     _, t = build_trainer(args.tr, args.d, args.c, args.p, torch.device('cpu'), epochs=4, iterations=250)
@@ -80,8 +78,7 @@ def main(argv=None) -> None:
     for key in reps:
         out[key] = stats(torch.cat(reps[key])[pick], labels[pick], g)
     print(json.dumps(out, indent=1), flush=True)
-    for loader in ('dataloader_train', 'dataloader_val', 'dataloader_unlabeled'):   # stop their worker processes
-        getattr(getattr(t, loader, None), '_finish', lambda: None)()
+    stop_loaders(t)
     os._exit(0)   # nnU-Net's loader threads would otherwise keep the process alive
 
 

@@ -21,10 +21,9 @@ import os
 
 
 def main(argv=None) -> None:
+    from bench_trainers import add_dataset_arguments, build_trainer, stop_loaders
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('-d', required=True, help='dataset ID or name, planned and preprocessed')
-    ap.add_argument('-c', default='2d')
-    ap.add_argument('-p', default='nnUNetPlans')
+    add_dataset_arguments(ap)
     ap.add_argument('-tr', required=True, help='NAME[:attr=value,...] as in bench_trainers.py')
     ap.add_argument('--phase', choices=('pretrain', 'finetune'), default='finetune')
     ap.add_argument('--init', help='checkpoint whose network weights start student and teacher')
@@ -34,7 +33,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import torch
 
-    from bench_trainers import build_trainer
     torch.manual_seed(0)
     _, t = build_trainer(args.tr, args.d, args.c, args.p, torch.device('cpu'), epochs=4, iterations=250)
     t.on_train_start()
@@ -78,8 +76,7 @@ def main(argv=None) -> None:
         if hasattr(t, 'teacher'):
             t.teacher.update(t._student_bundle)
             t.semiseg_step += 1
-    for loader in ('dataloader_train', 'dataloader_val', 'dataloader_unlabeled'):   # stop their worker processes
-        getattr(getattr(t, loader, None), '_finish', lambda: None)()
+    stop_loaders(t)
     os._exit(0)   # nnU-Net's loader threads would otherwise keep the process alive
 
 

@@ -9,7 +9,8 @@ from nnunet_semiseg.training.contrastive import nnUNetTrainerContrastiveBase
 
 
 def weight(step, length, fraction, lam=1.0):
-    state = SimpleNamespace(finetune_progress=(step, length), lambda_unsup=lam, unsup_rampup_fraction=fraction)
+    state = SimpleNamespace(finetune_progress=(step, length), lambda_unsup=lam, unsup_rampup_fraction=fraction,
+                            unsup_gate_open=lambda: True)
     return nnUNetTrainerContrastiveBase.current_lambda_unsup(state)
 
 

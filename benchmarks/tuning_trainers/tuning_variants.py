@@ -132,3 +132,23 @@ class nnUNetTrainerACTIONpp_w03(nnUNetTrainerACTIONpp):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.lambda_anco = 0.3
         self.lambda_ascl = 0.3
+
+
+class nnUNetTrainerACTIONpp_gate(nnUNetTrainerACTIONpp):
+    """ACTION++ with its pseudo-label loss gated on the teacher: off until the teacher's Dice on the labelled rows is
+    >= 0.5 for every class (nnunet_semiseg.gate), at the latest from half of fine-tuning. For run 32 (7 labelled
+    patients, 4 x 250), where fine-tuning began before the teacher had found the right ventricle and RV ended at 0."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unsup_gate_threshold = 0.5
+
+
+class nnUNetTrainerARCO_SAG_gate(nnUNetTrainerARCO_SAG):
+    """ARCO_SAG with the pseudo-label gate of ``nnUNetTrainerACTIONpp_gate``."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unsup_gate_threshold = 0.5

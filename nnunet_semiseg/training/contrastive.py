@@ -25,6 +25,7 @@ from functools import partial
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from nnunet_semiseg.augment import cutmix
@@ -36,6 +37,7 @@ from nnunet_semiseg.contrast.mona import EquivarianceLoss, NearestNeighbourLoss,
 from nnunet_semiseg.contrast.pixel_contrast import (PixelContrastLoss, entropy_alpha, entropy_masks,
                                                     resize_nearest)
 from nnunet_semiseg.contrast.pseudo_label import pseudo_labels
+from nnunet_semiseg.gate import ClassDiceGate
 from nnunet_semiseg.heads import (DEFAULT_OUTPUT_LEVEL, DEFAULT_REP_DIM, EmbeddingHead, FPNProjectionHead, Predictor,
                                   RepresentationMap)
 from nnunet_semiseg.schedules import cosine_tau, sigmoid_rampup
@@ -76,6 +78,11 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         self.lambda_unsup = 1.0
         self.unsup_rampup_fraction = 0.0   # sigmoid ramp of lambda_unsup over this share of fine-tuning; 0: none (papers)
         self.unsup_threshold = 0.97
+        # None: the papers (pseudo-labels from the first fine-tuning step). A Dice in (0, 1]: the pseudo-label loss
+        # waits until the teacher reaches it on every foreground class of the labelled batches (nnunet_semiseg.gate),
+        # and opens anyway after unsup_gate_deadline of fine-tuning.
+        self.unsup_gate_threshold = None
+        self.unsup_gate_deadline = 0.5
         self.use_cutmix = True
         self.sampler = 'naive'              # 'naive' | 'sg' | 'sag' (nnunet_semiseg.sampling), any method
         self.sampler_grid = None            # None: 4x4 in 2D, 4x4 in plane x 2 through plane in 3D
@@ -125,6 +132,8 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
                                               self.distillation_bank_size, self.tau_student, self.tau_teacher),
             'rep_head': FPNProjectionHead(conv_op, tapped_channels, self.rep_dim, output_level=self.rep_output_level),
         }
+        if self.unsup_gate_threshold is not None:
+            modules['unsup_gate'] = ClassDiceGate(num_classes, self.unsup_gate_threshold)
         modules.update(self.build_method_modules(network, num_classes))
         return modules
 
@@ -145,7 +154,7 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
 
     def prepare_student_input(self, data, data_weak, data_strong):
         n = data.shape[0]
-        with_labeled = self.teacher_reads_labeled()
+        with_labeled = self.teacher_reads_labeled() or not self.unsup_gate_open()
         teacher_input = data if data_weak is None else (torch.cat((data, data_weak)) if with_labeled else data_weak)
         cache = {'t_logits': None, 't_feats': {}, 't_labeled_rows': 0, 'box': None}
         if with_labeled or data_weak is not None:
@@ -170,6 +179,7 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         return x, rows
 
     def compute_semisupervised_terms(self, batch: SemiSegBatch):
+        self._update_unsup_gate(batch)
         if self.in_pretraining:
             terms = self.relational_terms(batch)
         else:
@@ -186,7 +196,42 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         """The pseudo-label loss's weight at this fine-tuning step: ``lambda_unsup`` times a sigmoid ramp over the first
         ``unsup_rampup_fraction`` of fine-tuning (a share, so one setting serves every schedule length)."""
         step, length = self.finetune_progress
+        if not self.unsup_gate_open():
+            return 0.0
         return self.lambda_unsup * sigmoid_rampup(step, self.unsup_rampup_fraction * length)
+
+    def unsup_gate_open(self) -> bool:
+        gate = self.semiseg_modules['unsup_gate'] if 'unsup_gate' in self.semiseg_modules else None
+        return gate is None or bool(gate.is_open)
+
+    def _update_unsup_gate(self, batch: SemiSegBatch) -> None:
+        """Feed the teacher's labelled rows to the gate (while it is closed); open it at the deadline. Logs the opening."""
+        if self.unsup_gate_open():
+            return
+        gate = self.semiseg_modules['unsup_gate']
+        n = batch.num_labeled
+        if self._cache.get('t_logits') is not None and self._cache['t_labeled_rows'] == n:
+            gt = batch.target_full_res[:, 0].long()
+            if self.label_manager.has_ignore_label:
+                gt = torch.where(gt == self.label_manager.ignore_label, torch.full_like(gt, -1), gt)
+            gate.update(self._cache['t_logits'][:n], gt)
+        step, length = self.finetune_progress
+        deadline = not self.in_pretraining and step >= self.unsup_gate_deadline * length
+        reached = bool(gate.is_open)
+        opened = reached or deadline
+        if self.is_ddp:   # one decision for every rank: open only where all ranks' gates are
+            flag = torch.tensor([int(opened)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            opened = bool(flag.item())
+        if not opened:
+            gate.is_open.fill_(False)   # under DDP a rank whose own gate opened waits for the others
+            return
+        gate.force_open()
+        why = (f'every class reached the teacher Dice {gate.threshold} on the labelled rows' if reached else
+               f'unsup_gate_deadline, {self.unsup_gate_deadline} of fine-tuning, passed')
+        dice = ', '.join(f'{d:.2f}' for d in gate.dice.tolist())
+        self.print_to_log_file(f'pseudo-label loss gate open at iteration {self.semiseg_step}: {why} '
+                               f'(teacher Dice per foreground class, moving average: {dice})')
 
     def _release_teacher_outputs(self) -> None:
         """Drop the teacher's logits and tapped features once the terms are computed: nothing reads them after, and

@@ -136,13 +136,15 @@ class nnUNetTrainerACTIONpp_w03(nnUNetTrainerACTIONpp):
 
 class nnUNetTrainerACTIONpp_gate(nnUNetTrainerACTIONpp):
     """ACTION++ with its pseudo-label loss gated on the teacher: off until the teacher's Dice on the labelled rows is
-    >= 0.5 for every class (nnunet_semiseg.gate), at the latest from half of fine-tuning. For run 32 (7 labelled
-    patients, 4 x 250), where fine-tuning began before the teacher had found the right ventricle and RV ended at 0."""
+    >= 0.5 for every class (nnunet_semiseg.gate), with no forced opening within the run (deadline 1.0), so that it
+    tests one thing: whether the pseudo-label loss is what kept the right ventricle at 0 in run 32 (7 labelled
+    patients, 4 x 250), where fine-tuning began before the teacher had found the RV."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.unsup_gate_threshold = 0.5
+        self.unsup_gate_deadline = 1.0
 
 
 class nnUNetTrainerARCO_SAG_gate(nnUNetTrainerARCO_SAG):

@@ -106,3 +106,16 @@ def test_trainer_holds_the_pseudo_label_loss_until_the_deadline(phantom):
     assert bool(state['unsup_gate.is_open']) and not bool((state['unsup_gate.dice'] >= 1.0).all())
     with open(trainer.log_file) as fh:
         assert 'pseudo-label loss gate open at iteration 3: unsup_gate_deadline, 0.5 of fine-tuning, passed' in fh.read()
+
+
+def test_trainer_warns_when_the_gate_never_opens(phantom):
+    trainer = make_trainer(phantom, 'nnUNetTrainerACTION', '2d', epochs=1, iterations=3, fold=3)
+    trainer.pretrain_fraction = 1 / 3
+    trainer.num_queries, trainer.num_negatives = 64, 128
+    trainer.unsup_gate_threshold, trainer.unsup_gate_deadline = 1.0, 1.0
+    trainer.run_training()
+    assert not trainer.unsup_gate_open()
+    with open(trainer.log_file) as fh:
+        log = fh.read()
+    assert 'gate open' not in log
+    assert 'WARNING: the pseudo-label loss gate never opened' in log and 'trained without the pseudo-label loss' in log

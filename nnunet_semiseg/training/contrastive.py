@@ -233,6 +233,16 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         self.print_to_log_file(f'pseudo-label loss gate open at iteration {self.semiseg_step}: {why} '
                                f'(teacher Dice per foreground class, moving average: {dice})')
 
+    def on_train_end(self):
+        if not self.unsup_gate_open():
+            gate = self.semiseg_modules['unsup_gate']
+            dice = ', '.join(f'{d:.2f}' for d in gate.dice.tolist())
+            self.print_to_log_file(
+                f'WARNING: the pseudo-label loss gate never opened: the teacher\'s Dice on the labelled rows stayed '
+                f'under {gate.threshold} for some class (moving average per foreground class: {dice}), so this run '
+                f'trained without the pseudo-label loss. A longer schedule, or unsup_gate_deadline < 1, lets it in.')
+        super().on_train_end()
+
     def _release_teacher_outputs(self) -> None:
         """Drop the teacher's logits and tapped features once the terms are computed: nothing reads them after, and
         the backward, the step's peak of memory, then runs without them."""

@@ -66,6 +66,10 @@ class ClassDiceGate(nn.Module):
             self.is_open.fill_(True)
         return bool(self.is_open)
 
+    def averages(self) -> str:
+        """The moving averages as text for the training log, e.g. ``'0.33, 0.72, 0.87'``."""
+        return ', '.join(f'{d:.2f}' for d in self.dice.tolist())
+
     def force_open(self) -> None:
         self.is_open.fill_(True)
 

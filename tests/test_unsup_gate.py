@@ -36,6 +36,7 @@ def test_opens_once_every_class_reaches_the_threshold_and_stays_open():
     assert gate.update(perfect, target)              # 0.75 >= 0.6: open
     assert gate.update(miss2, target)                # a bad batch later does not close it
     assert gate.dice.tolist() == pytest.approx([1.0, 0.75])   # nor is it measured any more
+    assert gate.averages() == '1.00, 0.75'                     # as the training log shows them
     at_threshold = ClassDiceGate(3, threshold=0.5, momentum=0.5)
     at_threshold.update(miss2, target)
     assert at_threshold.update(perfect, target)      # 0.5 >= 0.5

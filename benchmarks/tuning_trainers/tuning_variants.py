@@ -148,7 +148,8 @@ class nnUNetTrainerACTIONpp_gate(nnUNetTrainerACTIONpp):
 
 
 class nnUNetTrainerARCO_SAG_gate(nnUNetTrainerARCO_SAG):
-    """ARCO_SAG with the pseudo-label gate of ``nnUNetTrainerACTIONpp_gate``."""
+    """ARCO_SAG with the pseudo-label gate at 0.5, as ``nnUNetTrainerACTIONpp_gate``, but with the library's deadline:
+    open at half of fine-tuning at the latest."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):

@@ -211,10 +211,7 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         gate = self.semiseg_modules['unsup_gate']
         n = batch.num_labeled
         if self._cache.get('t_logits') is not None and self._cache['t_labeled_rows'] == n:
-            gt = batch.target_full_res[:, 0].long()
-            if self.label_manager.has_ignore_label:
-                gt = torch.where(gt == self.label_manager.ignore_label, torch.full_like(gt, -1), gt)
-            gate.update(self._cache['t_logits'][:n], gt)
+            gate.update(self._cache['t_logits'][:n], self._labelled_target(batch))
         step, length = self.finetune_progress
         deadline = not self.in_pretraining and step >= self.unsup_gate_deadline * length
         reached = bool(gate.is_open)
@@ -229,18 +226,17 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         gate.force_open()
         why = (f'every class reached the teacher Dice {gate.threshold} on the labelled rows' if reached else
                f'unsup_gate_deadline, {self.unsup_gate_deadline} of fine-tuning, passed')
-        dice = ', '.join(f'{d:.2f}' for d in gate.dice.tolist())
         self.print_to_log_file(f'pseudo-label loss gate open at iteration {self.semiseg_step}: {why} '
-                               f'(teacher Dice per foreground class, moving average: {dice})')
+                               f'(teacher Dice per foreground class, moving average: {gate.averages()})')
 
     def on_train_end(self):
         if not self.unsup_gate_open():
             gate = self.semiseg_modules['unsup_gate']
-            dice = ', '.join(f'{d:.2f}' for d in gate.dice.tolist())
             self.print_to_log_file(
                 f'WARNING: the pseudo-label loss gate never opened: the teacher\'s Dice on the labelled rows stayed '
-                f'under {gate.threshold} for some class (moving average per foreground class: {dice}), so this run '
-                f'trained without the pseudo-label loss. A longer schedule, or unsup_gate_deadline < 1, lets it in.')
+                f'under {gate.threshold} for some class (moving average per foreground class: {gate.averages()}), so '
+                f'this run trained without the pseudo-label loss. A longer schedule, or unsup_gate_deadline < 1, lets '
+                f'it in.')
         super().on_train_end()
 
     def _release_teacher_outputs(self) -> None:
@@ -273,14 +269,19 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         return {}
 
     # helpers for the fine-tuning terms
+    def _labelled_target(self, batch: SemiSegBatch) -> torch.Tensor:
+        """The labelled rows' full-resolution labels ``[B_l, *sp]`` long, nnU-Net's ignore label mapped to -1."""
+        gt = batch.target_full_res[:, 0].long()
+        if self.label_manager.has_ignore_label:
+            gt = torch.where(gt == self.label_manager.ignore_label, torch.full_like(gt, -1), gt)
+        return gt
+
     def _labels_probs_conf(self, batch: SemiSegBatch, with_probs: bool = True):
         """Full-resolution ``labels [B, *sp]`` (GT for labelled rows, ignore -> -1; pseudo-labels for unlabelled),
         teacher ``probs [B, C, *sp]`` (``None`` unless ``with_probs``) and ``confidence [B, *sp]`` (1 for labelled
         pixels)."""
         n = batch.num_labeled
-        gt = batch.target_full_res[:, 0].long()
-        if self.label_manager.has_ignore_label:
-            gt = torch.where(gt == self.label_manager.ignore_label, torch.full_like(gt, -1), gt)
+        gt = self._labelled_target(batch)
         probs_l = self._cache['t_logits'][:n].softmax(1) if with_probs else None
         if not batch.has_unlabeled:
             return gt, probs_l, torch.ones_like(gt, dtype=torch.float32)

@@ -119,4 +119,5 @@ def test_trainer_warns_when_the_gate_never_opens(phantom):
     with open(trainer.log_file) as fh:
         log = fh.read()
     assert 'gate open' not in log
+    assert 'pseudo-label loss gate closed: teacher Dice per foreground class on the labelled rows, moving average: ' in log
     assert 'WARNING: the pseudo-label loss gate never opened' in log and 'trained without the pseudo-label loss' in log

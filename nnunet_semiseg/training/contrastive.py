@@ -229,6 +229,13 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         self.print_to_log_file(f'pseudo-label loss gate open at iteration {self.semiseg_step}: {why} '
                                f'(teacher Dice per foreground class, moving average: {gate.averages()})')
 
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        if not self.unsup_gate_open():   # the gate's progress, so that a user sees a class the teacher has not found
+            gate = self.semiseg_modules['unsup_gate']
+            self.print_to_log_file(f'pseudo-label loss gate closed: teacher Dice per foreground class on the labelled '
+                                   f'rows, moving average: {gate.averages()} (opens at {gate.threshold})')
+
     def on_train_end(self):
         if not self.unsup_gate_open():
             gate = self.semiseg_modules['unsup_gate']

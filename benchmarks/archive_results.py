@@ -3,7 +3,9 @@
 A benchmark folder holds about 80 MB per run (two checkpoints, predictions); what its tables are made from is a few
 tens of kB: ``benchmark.json`` / ``benchmark.md``, and per finished run ``run.json``, ``timing.json``,
 ``metrics.json`` (per-case Dice, HD95, ...) and nnU-Net's training log (losses and validation pseudo Dice per
-epoch). This copies those, in the same layout, so that ``benchmarks/per_case.py`` and the figures in ``docs/`` can be
+epoch), plus nnU-Net's ``debug.json`` (every trainer setting the run had), kept at its place in the model folder so
+that a benchmark run into a copy of the archive refuses to pair new runs with archived ones whose trainer's defaults
+have changed since. This copies those, in the same layout, so that ``benchmarks/per_case.py`` and the figures in ``docs/`` can be
 checked after the machine that trained the models is gone::
 
     python benchmarks/archive_results.py /work/runs/bench_acdc_500 benchmarks/results/acdc_dev_4x500
@@ -53,6 +55,11 @@ def archive(out: str, dest: str) -> List[str]:
         logs = sorted(glob.glob(os.path.join(src, '*', '*', 'fold_*', 'training_log_*.txt')))
         for log in logs:  # one per training session (a continued run has several)
             shutil.copy2(log, os.path.join(dst, os.path.basename(log)))
+        for debug in glob.glob(os.path.join(src, '*', '*', 'fold_*', 'debug.json')):
+            # where the benchmark's check of changed defaults looks for it (runner.check_runs_unchanged)
+            kept = os.path.join(dst, os.path.relpath(debug, src))
+            os.makedirs(os.path.dirname(kept), exist_ok=True)
+            shutil.copy2(debug, kept)
         copied.append(run_dir)
     dest_file = os.path.join(dest, 'benchmark.json')
     runs = bench.get('runs', [])

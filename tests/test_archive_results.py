@@ -38,6 +38,7 @@ def _bench(root, runs, unfinished=()):
             {'reference_file': '/l/c0.nii.gz', 'metrics': {'1': {'dice': dice}}}]})
         fold = os.path.join(root, run, 'Dataset001_X', f'{trainer}__nnUNetPlans__2d', 'fold_0')
         _write(os.path.join(fold, 'training_log_2026_1_1_00_00_00.txt'), 'Epoch 0\n')
+        _write(os.path.join(fold, 'debug.json'), {'lambda_unsup': '1.0'})
         _write(os.path.join(fold, 'checkpoint_final.pth'), 'weights')
         _write(os.path.join(root, run, 'predictions', 'c0.nii.gz'), 'image')
     for trainer, seed in unfinished:
@@ -58,9 +59,12 @@ def test_keeps_records_not_models(archive_results, tmp_path):
                  unfinished=[('nnUNetTrainerX', 1)])
     dest = str(tmp_path / 'kept')
     assert archive_results.archive(out, dest) == ['nnUNetTrainer__seed1', 'nnUNetTrainerACTIONpp__seed1']
-    run_files = ['metrics.json', 'run.json', 'timing.json', 'training_log_2026_1_1_00_00_00.txt']
+    def run_files(trainer):   # debug.json where the benchmark's check of changed defaults reads it
+        return [f'Dataset001_X/{trainer}__nnUNetPlans__2d/fold_0/debug.json', 'metrics.json', 'run.json',
+                'timing.json', 'training_log_2026_1_1_00_00_00.txt']
     assert _files(dest) == ['benchmark.json', 'benchmark_seeds1.md'] + \
-        [f'nnUNetTrainerACTIONpp__seed1/{f}' for f in run_files] + [f'nnUNetTrainer__seed1/{f}' for f in run_files]
+        [f'nnUNetTrainerACTIONpp__seed1/{f}' for f in run_files('nnUNetTrainerACTIONpp')] + \
+        [f'nnUNetTrainer__seed1/{f}' for f in run_files('nnUNetTrainer')]
 
 
 def test_later_archives_add_runs_and_per_case_reads_them(archive_results, per_case, tmp_path):

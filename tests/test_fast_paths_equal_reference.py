@@ -286,6 +286,7 @@ TRAINER_CASES = [('nnUNetTrainerMONA', {}), ('nnUNetTrainerMONA', {'lambda_equiv
 def test_finetune_step_equals_dense_reference(phantom, name, attributes):
     trainer = make_trainer(phantom, name, '2d', epochs=3, iterations=2, fold=0)
     trainer.num_queries, trainer.num_negatives = 32, 64
+    trainer.unsup_gate_threshold = None     # the reference's schedule: pseudo-labels from the first fine-tuning step
     for key, value in attributes.items():
         setattr(trainer, key, value)
     trainer.on_train_start()
@@ -329,10 +330,12 @@ def test_finetune_step_equals_dense_reference(phantom, name, attributes):
 
 def test_action_teacher_reads_the_unlabelled_rows_only(phantom):
     """ACTION's fine-tuning terms read the teacher's pseudo-labels only; ACTION++'s ASCL also reads its labelled
-    features, and pre-training reads both."""
+    features, and pre-training reads both. (With the pseudo-label gate open: while it is closed the teacher also reads
+    the labelled rows, to measure its Dice there, tests/test_unsup_gate.py.)"""
     seen = {}
     for name in ('nnUNetTrainerACTION', 'nnUNetTrainerACTIONpp'):
         trainer = make_trainer(phantom, name, '2d', epochs=3, iterations=2, fold=1)
+        trainer.unsup_gate_threshold = None
         trainer.on_train_start()
         calls = []
         original = trainer.teacher_forward

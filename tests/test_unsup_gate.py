@@ -70,11 +70,15 @@ def test_bad_arguments():
         ClassDiceGate(3).update(torch.zeros(1, 2, 4), torch.zeros(1, 4, dtype=torch.long))
 
 
-def test_trainer_without_a_gate_by_default(phantom):
+def test_trainer_gates_by_default_and_none_is_the_papers_schedule(phantom):
     trainer = make_trainer(phantom, 'nnUNetTrainerACTIONpp', '2d')
     trainer.initialize()
-    assert trainer.unsup_gate_threshold is None and 'unsup_gate' not in trainer.semiseg_modules
-    assert trainer.unsup_gate_open()
+    assert (trainer.unsup_gate_threshold, trainer.unsup_gate_deadline) == (0.5, 1.0)
+    assert trainer.semiseg_modules['unsup_gate'].threshold == 0.5 and not trainer.unsup_gate_open()
+    papers = make_trainer(phantom, 'nnUNetTrainerMONA', '2d')
+    papers.unsup_gate_threshold = None
+    papers.initialize()
+    assert 'unsup_gate' not in papers.semiseg_modules and papers.unsup_gate_open()
 
 
 def test_trainer_holds_the_pseudo_label_loss_until_the_deadline(phantom):
@@ -84,7 +88,7 @@ def test_trainer_holds_the_pseudo_label_loss_until_the_deadline(phantom):
     trainer = make_trainer(phantom, 'nnUNetTrainerACTION', '2d', epochs=1, iterations=5, fold=2)
     trainer.pretrain_fraction = 0.2          # 1 pre-training step, 4 fine-tuning steps, deadline after 2
     trainer.num_queries, trainer.num_negatives = 64, 128
-    trainer.unsup_gate_threshold = 1.0
+    trainer.unsup_gate_threshold, trainer.unsup_gate_deadline = 1.0, 0.5
     weights, teacher_rows = [], []
     original_weight, original_terms = trainer.current_lambda_unsup, trainer.compute_semisupervised_terms
 

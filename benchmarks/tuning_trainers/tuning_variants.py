@@ -138,7 +138,8 @@ class nnUNetTrainerACTIONpp_gate(nnUNetTrainerACTIONpp):
     """ACTION++ with its pseudo-label loss gated on the teacher: off until the teacher's Dice on the labelled rows is
     >= 0.5 for every class (nnunet_semiseg.gate), with no forced opening within the run (deadline 1.0), so that it
     tests one thing: whether the pseudo-label loss is what kept the right ventricle at 0 in run 32 (7 labelled
-    patients, 4 x 250), where fine-tuning began before the teacher had found the RV."""
+    patients, 4 x 250), where fine-tuning began before the teacher had found the RV. The library's default after run
+    38: kept so that the runs' folders keep their name."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -148,10 +149,31 @@ class nnUNetTrainerACTIONpp_gate(nnUNetTrainerACTIONpp):
 
 
 class nnUNetTrainerARCO_SAG_gate(nnUNetTrainerARCO_SAG):
-    """ARCO_SAG with the pseudo-label gate at 0.5, as ``nnUNetTrainerACTIONpp_gate``, but with the library's deadline:
-    open at half of fine-tuning at the latest."""
+    """ARCO_SAG with the pseudo-label gate at 0.5, as ``nnUNetTrainerACTIONpp_gate``, but forced open at half of
+    fine-tuning at the latest (the library's deadline through run 38; now 1.0, never forced)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.unsup_gate_threshold = 0.5
+        self.unsup_gate_deadline = 0.5
+
+
+class nnUNetTrainerACTIONpp_nogate(nnUNetTrainerACTIONpp):
+    """ACTION++ on the papers' schedule: pseudo-labels from the first fine-tuning step, whatever the teacher has found
+    (``unsup_gate_threshold = None``): ``nnUNetTrainerACTIONpp`` through docs/tuning.md run 38."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unsup_gate_threshold = None
+
+
+class nnUNetTrainerARCO_SAG_nogate(nnUNetTrainerARCO_SAG):
+    """ARCO_SAG on the papers' schedule, without the pseudo-label gate: what ``nnUNetTrainerARCO_SAG`` ran in
+    docs/tuning.md runs 4-33."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unsup_gate_threshold = None

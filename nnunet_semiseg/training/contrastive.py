@@ -78,11 +78,13 @@ class nnUNetTrainerContrastiveBase(nnUNetTrainerSemiSupervised):
         self.lambda_unsup = 1.0
         self.unsup_rampup_fraction = 0.0   # sigmoid ramp of lambda_unsup over this share of fine-tuning; 0: none (papers)
         self.unsup_threshold = 0.97
-        # None: the papers (pseudo-labels from the first fine-tuning step). A Dice in (0, 1]: the pseudo-label loss
-        # waits until the teacher reaches it on every foreground class of the labelled batches (nnunet_semiseg.gate),
-        # and opens anyway after unsup_gate_deadline of fine-tuning.
-        self.unsup_gate_threshold = None
-        self.unsup_gate_deadline = 0.5
+        # The pseudo-label loss waits until the teacher's Dice on the labelled rows reaches unsup_gate_threshold on
+        # every foreground class (nnunet_semiseg.gate): a teacher that has not found a class teaches its absence on
+        # every unlabelled pixel (docs/tuning.md, runs 32-38). At the papers' lengths it opens during pre-training, a
+        # no-op. unsup_gate_deadline: the share of fine-tuning after which it opens anyway (1.0: never forced; the
+        # log then warns). None: the papers' schedule, pseudo-labels from the first fine-tuning step.
+        self.unsup_gate_threshold = 0.5
+        self.unsup_gate_deadline = 1.0
         self.use_cutmix = True
         self.sampler = 'naive'              # 'naive' | 'sg' | 'sag' (nnunet_semiseg.sampling), any method
         self.sampler_grid = None            # None: 4x4 in 2D, 4x4 in plane x 2 through plane in 3D

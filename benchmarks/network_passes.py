@@ -25,7 +25,7 @@ def _median_seconds(fn, warmup: int, repeats: int) -> float:
 
 
 def main(argv=None) -> None:
-    from bench_trainers import add_dataset_arguments, build_trainer, stop_loaders
+    from bench_trainers import add_dataset_arguments, build_trainer
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_arguments(ap)
     ap.add_argument('--device', default='cpu')
@@ -38,8 +38,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     _, trainer = build_trainer('nnUNetTrainer', args.d, args.c, args.p, device)
-    trainer.initialize()
-    stop_loaders(trainer)
+    trainer.initialize()   # builds the network; the data loaders only start in on_train_start, never here
     net = trainer.network
     batch = trainer.configuration_manager.batch_size
     patch = tuple(trainer.configuration_manager.patch_size)

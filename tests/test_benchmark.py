@@ -81,6 +81,36 @@ def test_markdown_rows_and_marks():
     assert '| 3.00 |' in md.split('## Cost')[1]  # MONA's time as a multiple of plain
 
 
+def test_pairs_trained_on_different_machines_are_flagged():
+    cpu_a = {'cpu': 'Xeon', 'cpu_flags_sha1': 'aaa', 'torch_cpu_capability': 'AVX512', 'threads': 2, 'torch': '2.14.1'}
+    cpu_b = dict(cpu_a, cpu_flags_sha1='bbb', torch_cpu_capability='AVX2')
+    records = [dict(r) for r in RECORDS]
+    records[0]['machines'] = [cpu_a]           # plain, seed 0
+    records[1]['machines'] = [cpu_a]           # plain, seed 1
+    records[2]['machines'] = [dict(cpu_a)]     # MONA seed 0: the same kind of machine (equal fingerprint)
+    records[3]['machines'] = [cpu_a, cpu_b]    # MONA seed 1: resumed on another machine
+    # Mean Teacher's seed 1 predates the field: unknown, not flagged
+    summary = aggregate(records)
+    assert summary['trainers']['nnUNetTrainerMONA']['paired']['other_machine'] == [1]
+    assert summary['trainers']['nnUNetTrainerMeanTeacher']['paired']['other_machine'] == []
+    md = markdown(SETTINGS, records, summary)
+    paired = md.split('seed by seed')[1].split('##')[0]
+    assert '| nnUNetTrainerMONA | 0 | +0.050 |' in paired and '| nnUNetTrainerMONA | 1 ‡ | +0.010 |' in paired
+    assert '‡ this trainer and nnUNetTrainer trained this seed on different machines' in md
+    assert '‡' not in markdown(SETTINGS, RECORDS)  # records without machines: no flag, no footnote
+
+
+def test_machine_fingerprint_is_stable_and_json():
+    import torch
+
+    from nnunet_semiseg.benchmark.child import machine_fingerprint
+    first = machine_fingerprint(torch.device('cpu'))
+    assert first == machine_fingerprint(torch.device('cpu'))
+    assert json.loads(json.dumps(first)) == first
+    assert first['threads'] == torch.get_num_threads() and first['torch'] == torch.__version__
+    assert 'gpu' not in first and first['cpu']
+
+
 def test_eta_of_a_semi_supervised_trainer_scales_plains_time():
     def run(trainer, seed, wall, semi=True, sessions=1):
         return {'trainer': trainer, 'seed': seed, 'last_session_wall_s': wall, 'semi_supervised': semi,
@@ -192,6 +222,7 @@ def test_benchmark_end_to_end_and_resume(phantom, tmp_path, monkeypatch):
         assert r['train_wall_s'] > 0 and r['peak_memory_mb'] > 100 and r['s_per_iteration']['train'] > 0
         assert set(r['metrics']['per_class']) == {'LV', 'MYO', 'RV'}
         assert 0 <= r['metrics']['mean']['dice'] <= 1
+        assert len(r['machines']) == 1 and r['machines'][0]['threads'] >= 1  # the one machine that trained it
         run_dir = out / f'{r["trainer"]}__seed0'
         assert sorted(os.listdir(run_dir / 'predictions')) == sorted(f'{c}.nii.gz' for c in phantom['cases']['test'])
         model = run_dir / phantom['name'] / f'{r["trainer"]}__nnUNetPlans_cpu__2d' / 'fold_0'
@@ -238,3 +269,4 @@ def test_benchmark_end_to_end_and_resume(phantom, tmp_path, monkeypatch):
     record = resumed['runs'][1]
     assert record['sessions'] == 2 and record['steps_per_phase'] == data['runs'][1]['steps_per_phase']
     assert record['metrics']['mean']['dice'] == data['runs'][1]['metrics']['mean']['dice']  # same weights
+    assert record['machines'] == data['runs'][1]['machines']  # continued on the same machine: still one

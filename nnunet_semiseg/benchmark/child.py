@@ -17,6 +17,7 @@ this process' peak memory is the run's own. Steps:
    :func:`nnunet_semiseg.evaluation.evaluate_folder`;
 4. write ``RUN_DIR/run.json`` (the run's record) last, atomically: its presence means the run is finished.
 """
+import hashlib
 import json
 import os
 import random
@@ -99,6 +100,34 @@ def install_seeded_augmenters(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- timing
+def machine_fingerprint(device) -> dict:
+    """What sets a run's floating-point path, beyond code and seed: the CPU (model, and a hash of its feature flags,
+    which decide torch's kernels), torch's CPU kernel level, the thread count (how reductions split), torch's version
+    and the GPU. Same seed on machines with equal fingerprints: the same Dice (plain nnU-Net's seeds 1 and 2 on
+    real ACDC repeated to every printed digit on two machines of one kind); on another kind: several Dice apart."""
+    import platform
+
+    import torch
+    model, flags = '', ''
+    try:
+        with open('/proc/cpuinfo') as fh:
+            for line in fh:
+                key, _, value = (part.strip() for part in line.partition(':'))
+                if key == 'model name' and not model:
+                    model = value
+                elif key in ('flags', 'Features') and not flags:
+                    flags = ' '.join(sorted(value.split()))
+    except OSError:  # not Linux: platform's name is what there is
+        pass
+    cpu = model or platform.processor() or platform.machine()
+    fingerprint = {'cpu': cpu, 'cpu_flags_sha1': hashlib.sha1(flags.encode()).hexdigest()[:12] if flags else None,
+                   'torch_cpu_capability': torch.backends.cpu.get_cpu_capability(), 'threads': torch.get_num_threads(),
+                   'torch': torch.__version__}
+    if device.type == 'cuda':
+        fingerprint['gpu'] = torch.cuda.get_device_name(device)
+    return fingerprint
+
+
 class RunTimer:
     """Training time and seconds per iteration per phase, kept in ``timing.json`` across interruptions.
 
@@ -107,13 +136,15 @@ class RunTimer:
 
     def __init__(self, path: str, trainer, device):
         self.path, self.trainer, self.device = path, trainer, device
-        self.state = {'train_wall_s': 0.0, 'epochs_done': 0, 'phases': {}, 'segments': 0, 'peak_memory_mb': 0.0}
+        self.state = {'train_wall_s': 0.0, 'epochs_done': 0, 'phases': {}, 'segments': 0, 'peak_memory_mb': 0.0,
+                      'machines': []}
         if os.path.isfile(path):
             with open(path) as fh:
                 self.state.update(json.load(fh))
         self.state['segments'] += 1
         self._epoch_start = self._last_end = None
         self._last_print = 0.0
+        self._machine = machine_fingerprint(device)
         self._train_step = trainer.train_step
         self._on_train_epoch_start = trainer.on_train_epoch_start
         self._on_epoch_end = trainer.on_epoch_end
@@ -151,6 +182,8 @@ class RunTimer:
         self.state['train_wall_s'] += time.perf_counter() - self._epoch_start
         self.state['epochs_done'] = int(self.trainer.current_epoch)
         self.state['peak_memory_mb'] = max(self.state['peak_memory_mb'], peak_memory_mb(self.device))
+        if self._machine not in self.state['machines']:  # the machines that trained epochs, not the one predicting
+            self.state['machines'].append(self._machine)
         self.save()
         done, total = self.state['epochs_done'], self.trainer.num_epochs
         now = time.time()
@@ -314,7 +347,7 @@ def run(spec: dict) -> dict:
         'train_wall_s': timer.state['train_wall_s'], 's_per_iteration': timer.seconds_per_iteration(),
         'steps_per_phase': {p: v['steps'] for p, v in timer.state['phases'].items()},
         'peak_memory_mb': timer.state['peak_memory_mb'],
-        'sessions': timer.state['segments'], 'device': spec['device'],
+        'sessions': timer.state['segments'], 'device': spec['device'], 'machines': timer.state['machines'],
         'nnUNet_n_proc_DA': get_allowed_n_proc_DA(),
         'evaluation': {'set': spec['evaluation']['set'], 'n_cases': n_cases},
         'metrics': metrics,

@@ -9,7 +9,12 @@ A run record (``OUT/<trainer>__seed<S>/run.json``, one entry of ``benchmark.json
                  "per_class": {"RV": {"label": 1, "dice": .., ...}, ...}},
      "train_wall_s": .., "s_per_iteration": {"pretrain": .., "finetune": ..}, "peak_memory_mb": ..,
      "semi_supervised": true, "unlabeled_cases": 134}
+
+and, from 2026-12-06 on, ``"machines"``: the fingerprints (CPU model and flags, torch's CPU kernel level, threads,
+GPU) of the machines that trained it. A seed's numbers are reproducible on one kind of machine and part ways on
+another (floating-point paths differ), so a pair whose two runs trained on different machines is flagged.
 """
+import json
 import math
 import warnings
 from typing import Dict, List, Optional, Sequence
@@ -37,6 +42,16 @@ def _trainer_order(records: List[dict], baseline: str) -> List[str]:
 
 def _classes(records: List[dict]) -> List[str]:
     return list(dict.fromkeys(c for r in records for c in r['metrics']['per_class']))
+
+
+def machines_differ(a: dict, b: dict) -> bool:
+    """Whether two run records trained on different machines; False where either predates the ``machines`` field
+    (unknown, not flagged)."""
+    ma, mb = a.get('machines'), b.get('machines')
+    if not ma or not mb:
+        return False
+    key = lambda ms: sorted(json.dumps(m, sort_keys=True) for m in ms)
+    return key(ma) != key(mb)
 
 
 def aggregate(records: List[dict], baseline: str = BASELINE) -> dict:
@@ -71,6 +86,7 @@ def aggregate(records: List[dict], baseline: str = BASELINE) -> dict:
                 per_seed = {s: get(runs[s]) - get(base[s]) for s in paired_seeds}
                 return dict(spread(list(per_seed.values())), per_seed=per_seed)
             paired = {'seeds': paired_seeds,
+                      'other_machine': [s for s in paired_seeds if machines_differ(runs[s], base[s])],
                       'mean': {m: diffs(lambda r, m=m: r['metrics']['mean'][m]) for m in METRICS},
                       'per_class': {c: {m: diffs(lambda r, c=c, m=m: r['metrics']['per_class'].get(c, {}).get(
                           m, float('nan'))) for m in METRICS} for c in classes}}
@@ -165,7 +181,7 @@ def markdown(settings: dict, records: List[dict], summary: Optional[dict] = None
                   '|---|---|' + '---|' * (4 + len(classes))]
     for t, p in paired:
         for s in p['seeds']:
-            lines.append(f'| {label(t)} | {s} | ' +
+            lines.append(f'| {label(t)} | {s}{" ‡" if s in p.get("other_machine", ()) else ""} | ' +
                          ' | '.join(_signed(p['mean'][m]['per_seed'][s], _digits(m)) for m in METRICS) + ' | ' +
                          ' | '.join(_signed(p['per_class'][c]['dice']['per_seed'][s], 3) for c in classes) + ' |')
 
@@ -182,6 +198,10 @@ def markdown(settings: dict, records: List[dict], summary: Optional[dict] = None
                   'checkpoints), summed over interruptions; set-up, unlabelled preprocessing and prediction excluded. '
                   's/iteration: from the end of one training step to the end of the next (data wait included). '
                   f'Peak memory: {settings.get("peak_memory", "see benchmark.json")}.']
+    if any(p.get('other_machine') for _, p in paired):
+        lines += ['', f'‡ this trainer and {baseline} trained this seed on different machines (`machines` in their '
+                      'run.json): a seed\'s numbers repeat on one kind of machine but not across kinds, so such a pair '
+                      'carries machine noise as well as the trainers\' difference.']
     if marked:
         lines += ['', '† semi-supervised trainer run on a dataset without unlabelled images (no '
                       '`imagesTrUnlabeled/`): it trained with its supervised terms only.']

@@ -177,3 +177,13 @@ class nnUNetTrainerARCO_SAG_nogate(nnUNetTrainerARCO_SAG):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.unsup_gate_threshold = None
+
+
+class nnUNetTrainerACTIONpp_gate03(nnUNetTrainerACTIONpp):
+    """ACTION++ with the pseudo-label gate opening at a teacher Dice of 0.3 instead of 0.5: at 4 x 250 the gate opened
+    at iterations 407-426 (docs/tuning.md runs 40-49), leaving under 600 iterations for the pseudo-label loss."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unsup_gate_threshold = 0.3

@@ -44,6 +44,10 @@ def _snapshot(trainer):
 
 def test_second_pass_step_equals_the_one_pass_step(phantom):
     trainer, batch = _finetuning_mona(phantom)
+    # Every teacher pixel counts towards the pseudo-label weight (a max-probability over 4 classes is >= 0.25): at
+    # 0.97 a pixel at the threshold can flip in the second step, whose teachers differ by float rounding, and move
+    # the term and the weights beyond float tolerance (1 of 4 x 1024 pixels: 3.4e-4 of the term; CI, 2026-12-06).
+    trainer.unsup_threshold = 0.1
     start = _snapshot(trainer)
     runs = {}
     for second in (False, True):

@@ -103,8 +103,8 @@ def install_seeded_augmenters(seed: int) -> None:
 def machine_fingerprint(device) -> dict:
     """What sets a run's floating-point path, beyond code and seed: the CPU (model, and a hash of its feature flags,
     which decide torch's kernels), torch's CPU kernel level, the thread count (how reductions split), torch's version
-    and the GPU. Same seed on machines with equal fingerprints: the same Dice (plain nnU-Net's seeds 1 and 2 on
-    real ACDC repeated to every printed digit on two machines of one kind); on another kind: several Dice apart."""
+    and the GPU. Same seed on machines with equal fingerprints: the same Dice (plain nnU-Net's seeds 0-2 on real
+    ACDC repeated to every printed digit on two machines of one kind); on another kind: several Dice apart."""
     import platform
 
     import torch

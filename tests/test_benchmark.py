@@ -111,6 +111,62 @@ def test_machine_fingerprint_is_stable_and_json():
     assert 'gpu' not in first and first['cpu']
 
 
+def test_run_timer_records_where_the_peak_rises(tmp_path, monkeypatch):
+    """Per epoch: the peak after its training steps, after validation/checkpoint, the memory held; and the steps
+    (or epoch ends) where the peak rose by PEAK_RISE_MB or more. Continued runs extend the same records."""
+    import torch
+
+    from nnunet_semiseg.benchmark import child
+
+    class Trainer:
+        current_epoch, num_epochs = 0, 2
+
+        def train_step(self, batch):
+            return batch
+
+        def on_train_epoch_start(self):
+            pass
+
+        def on_epoch_end(self):
+            self.current_epoch += 1
+
+    peaks = iter([100.0, 110.0, 300.0, 320.0, 400.0,   # epoch 1: steps 1-4, then its end (validation)
+                  400.0, 420.0, 500.0, 500.0, 500.0])  # epoch 2
+    monkeypatch.setattr(child, 'peak_memory_mb', lambda device: next(peaks))
+    monkeypatch.setattr(child, 'current_memory_mb', lambda device: 250.0)
+    path = str(tmp_path / 'timing.json')
+    trainer = Trainer()
+    child.RunTimer(path, trainer, torch.device('cpu'))
+    for _ in range(2):
+        trainer.on_train_epoch_start()
+        for step in range(4):
+            assert trainer.train_step(step) == step
+        trainer.on_epoch_end()
+    state = json.load(open(path))
+    assert state['peak_memory_mb'] == 500.0
+    assert state['memory_by_epoch'] == [
+        {'epoch': 1, 'train_peak_mb': 320.0, 'epoch_peak_mb': 400.0, 'rss_mb': 250.0},
+        {'epoch': 2, 'train_peak_mb': 500.0, 'epoch_peak_mb': 500.0, 'rss_mb': 250.0}]
+    # 110 is under 32 MB above 100, 320 under 32 above 300, 420 under 32 above 400
+    assert [(r['epoch'], r['where'], r['peak_mb']) for r in state['peak_rises']] == [
+        (1, 1, 100.0), (1, 3, 300.0), (1, 'epoch_end', 400.0), (2, 3, 500.0)]
+    assert state['phases']['train']['steps'] == 8
+
+    # a continued run keeps the records and measures rises from the last one
+    peaks = iter([520.0, 540.0])
+    monkeypatch.setattr(child, 'peak_memory_mb', lambda device: next(peaks))
+    trainer = Trainer()
+    trainer.current_epoch = 2
+    child.RunTimer(path, trainer, torch.device('cpu'))
+    trainer.on_train_epoch_start()
+    trainer.train_step(0)
+    trainer.on_epoch_end()
+    state = json.load(open(path))
+    assert len(state['memory_by_epoch']) == 3 and state['peak_rises'][-1] == {'epoch': 3, 'where': 'epoch_end',
+                                                                              'peak_mb': 540.0}
+    assert len(state['peak_rises']) == 5
+
+
 def test_eta_of_a_semi_supervised_trainer_scales_plains_time():
     def run(trainer, seed, wall, semi=True, sessions=1):
         return {'trainer': trainer, 'seed': seed, 'last_session_wall_s': wall, 'semi_supervised': semi,
@@ -224,6 +280,11 @@ def test_benchmark_end_to_end_and_resume(phantom, tmp_path, monkeypatch):
         assert 0 <= r['metrics']['mean']['dice'] <= 1
         assert len(r['machines']) == 1 and r['machines'][0]['threads'] >= 1  # the one machine that trained it
         run_dir = out / f'{r["trainer"]}__seed0'
+        timing = json.load(open(run_dir / 'timing.json'))
+        (epoch,) = timing['memory_by_epoch']
+        assert epoch['epoch'] == 1 and 100 < epoch['train_peak_mb'] <= epoch['epoch_peak_mb'] <= r['peak_memory_mb']
+        assert epoch['rss_mb'] <= epoch['epoch_peak_mb']
+        assert timing['peak_rises'][0]['where'] == 1  # the first step sets the first peak
         assert sorted(os.listdir(run_dir / 'predictions')) == sorted(f'{c}.nii.gz' for c in phantom['cases']['test'])
         model = run_dir / phantom['name'] / f'{r["trainer"]}__nnUNetPlans_cpu__2d' / 'fold_0'
         assert (model / 'checkpoint_final.pth').is_file()  # the model folder lives under OUT

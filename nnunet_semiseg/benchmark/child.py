@@ -132,18 +132,30 @@ class RunTimer:
     """Training time and seconds per iteration per phase, kept in ``timing.json`` across interruptions.
 
     Phase: ``pretrain`` / ``finetune`` for trainers with a two-stage schedule (``in_pretraining``), else ``train``.
-    An iteration lasts from the end of the previous training step (or the epoch's start) to the end of this one."""
+    An iteration lasts from the end of the previous training step (or the epoch's start) to the end of this one.
+
+    Memory, to tell when a run's peak is reached (a peak that grows over a run is not a peak of one step):
+    ``memory_by_epoch`` holds per epoch the peak after its last training step (``train_peak_mb``), the peak after
+    validation and checkpointing (``epoch_peak_mb``) and the memory held at its end (``rss_mb``, VmRSS on Linux);
+    ``peak_rises`` lists where the peak rose by ``PEAK_RISE_MB`` or more since the last entry (epoch, training step
+    within it, or ``'epoch_end'``: validation, logging, checkpoint)."""
+
+    PEAK_RISE_MB = 32.0
 
     def __init__(self, path: str, trainer, device):
         self.path, self.trainer, self.device = path, trainer, device
         self.state = {'train_wall_s': 0.0, 'epochs_done': 0, 'phases': {}, 'segments': 0, 'peak_memory_mb': 0.0,
-                      'machines': []}
+                      'machines': [], 'memory_by_epoch': [], 'peak_rises': []}
         if os.path.isfile(path):
             with open(path) as fh:
                 self.state.update(json.load(fh))
         self.state['segments'] += 1
         self._epoch_start = self._last_end = None
         self._last_print = 0.0
+        self._step_in_epoch = 0
+        self._train_peak = 0.0
+        rises = self.state['peak_rises']
+        self._last_rise = rises[-1]['peak_mb'] if rises else 0.0
         self._machine = machine_fingerprint(device)
         self._train_step = trainer.train_step
         self._on_train_epoch_start = trainer.on_train_epoch_start
@@ -164,7 +176,18 @@ class RunTimer:
 
     def on_train_epoch_start(self):
         self._epoch_start = self._last_end = time.perf_counter()
+        self._step_in_epoch = 0
         return self._on_train_epoch_start()
+
+    def _note_peak(self, epoch: int, where) -> float:
+        """Record ``(epoch, where)`` (epochs counted from 1) if the peak rose by ``PEAK_RISE_MB`` since the last
+        record; returns the peak."""
+        peak = peak_memory_mb(self.device)
+        if peak - self._last_rise >= self.PEAK_RISE_MB:
+            self.state['peak_rises'].append({'epoch': epoch, 'where': where,
+                                             'peak_mb': round(peak, 1)})
+            self._last_rise = peak
+        return peak
 
     def train_step(self, batch):
         phase = self.phase()
@@ -174,6 +197,9 @@ class RunTimer:
         slot = self.state['phases'].setdefault(phase, {'steps': 0, 'seconds': 0.0})
         slot['steps'] += 1
         slot['seconds'] += now - self._last_end
+        self._step_in_epoch += 1
+        # a getrusage call: microseconds
+        self._train_peak = self._note_peak(int(self.trainer.current_epoch) + 1, self._step_in_epoch)
         self._last_end = now
         return out
 
@@ -181,7 +207,11 @@ class RunTimer:
         result = self._on_epoch_end()  # nnU-Net's: logs, checkpoint_latest
         self.state['train_wall_s'] += time.perf_counter() - self._epoch_start
         self.state['epochs_done'] = int(self.trainer.current_epoch)
-        self.state['peak_memory_mb'] = max(self.state['peak_memory_mb'], peak_memory_mb(self.device))
+        epoch_peak = self._note_peak(self.state['epochs_done'], 'epoch_end')  # nnU-Net has counted the epoch
+        self.state['peak_memory_mb'] = max(self.state['peak_memory_mb'], epoch_peak)
+        self.state['memory_by_epoch'].append({
+            'epoch': self.state['epochs_done'], 'train_peak_mb': round(self._train_peak, 1),
+            'epoch_peak_mb': round(epoch_peak, 1), 'rss_mb': current_memory_mb(self.device)})
         if self._machine not in self.state['machines']:  # the machines that trained epochs, not the one predicting
             self.state['machines'].append(self._machine)
         self.save()
@@ -216,6 +246,22 @@ def peak_memory_mb(device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2 ** 20 if sys.platform == 'darwin' else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def current_memory_mb(device) -> Optional[float]:
+    """CUDA: ``torch.cuda.memory_allocated``; CPU: this process' resident set now (VmRSS; None where there is no
+    /proc)."""
+    if device.type == 'cuda':
+        import torch
+        return round(torch.cuda.memory_allocated(device) / 2 ** 20, 1)
+    try:
+        with open('/proc/self/status') as fh:
+            for line in fh:
+                if line.startswith('VmRSS:'):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def resume_point(fold_folder: str) -> Optional[str]:

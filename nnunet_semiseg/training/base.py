@@ -79,6 +79,11 @@ def _weighted_sum(start: torch.Tensor, terms: Dict[str, Tuple[float, torch.Tenso
     return total
 
 
+def _scalar(value) -> np.float32:
+    """A loss value as a numpy scalar (a Python object, no tensor or C buffer behind it)."""
+    return np.float32(value.detach().float().item() if torch.is_tensor(value) else value)
+
+
 def unwrap_network(network: nn.Module) -> nn.Module:
     """The plain network inside DDP and/or torch.compile wrappers."""
     if isinstance(network, nn.parallel.DistributedDataParallel):
@@ -359,12 +364,14 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             self._optimizer_step(extra if second_pass else total)
             self.teacher.update(self._student_bundle)
         self.semiseg_step += 1
-        out = {'loss': total.detach().cpu().numpy(), 'supervised': supervised.detach().cpu().numpy(),
-               'nonfinite_skipped': bool(failed)}
+        # numpy scalars, not arrays over torch tensors: nnU-Net keeps every step's outputs until the epoch ends, and
+        # a few small C allocations kept per step pin glibc's heap between the step's large freed tensors, so the
+        # peak memory grew over each epoch (Mean Teacher: about 1 GB in 250 steps; docs/benchmarks.md)
+        out = {'loss': _scalar(total), 'supervised': _scalar(supervised), 'nonfinite_skipped': bool(failed)}
         # every step reports every term (NaN when inactive): nnU-Net collates the outputs of an epoch by the keys of
         # its first step, and a phase switch or a missing unlabelled stream must not change the keys mid-epoch
-        out.update({name: np.array(np.nan, dtype=np.float32) for name in self.loss_term_names})
-        out.update({k: torch.as_tensor(v).detach().float().cpu().numpy() for k, (_, v) in terms.items()})
+        out.update({name: np.float32(np.nan) for name in self.loss_term_names})
+        out.update({k: _scalar(v) for k, (_, v) in terms.items()})
         return out
 
     def step_losses(self, data: torch.Tensor, target: Output, data_weak: Optional[torch.Tensor],

@@ -4,7 +4,7 @@ import torch
 
 from nnunet_semiseg.training.action import nnUNetTrainerACTION, nnUNetTrainerACTIONpp
 from nnunet_semiseg.training.mean_teacher import nnUNetTrainerMeanTeacher
-from nnunet_semiseg.training.mona_arco import nnUNetTrainerARCO_SAG
+from nnunet_semiseg.training.mona_arco import nnUNetTrainerARCO_SAG, nnUNetTrainerMONA
 
 
 class nnUNetTrainerARCO_SAG_noEqv(nnUNetTrainerARCO_SAG):
@@ -198,3 +198,14 @@ class nnUNetTrainerMeanTeacher_w0(nnUNetTrainerMeanTeacher):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.consistency_weight = 0.0
+
+
+class nnUNetTrainerMONA_noEqv(nnUNetTrainerMONA):
+    """MONA without its equivariance term (MONA's released 2D code, not the paper's method section): at seed 1 MONA
+    ended 17.7 Dice under plain with the term on (docs/tuning.md run 54), and the same term cost ARCO_SAG 4.5 Dice at
+    seed 0 (run 18). This sizes the term's share of MONA's loss; issue 10 also measures MONA's cost without it."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.lambda_equivariance = 0.0

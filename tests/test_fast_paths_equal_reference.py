@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import reference_dense
-from conftest import make_trainer
+from conftest import make_trainer, stop_loaders
 from nnunet_semiseg.contrast.anatomical import AnatomicalContrastLoss, group_by_class, sample_negatives
 from nnunet_semiseg.contrast.ascl import (AdaptiveSupervisedContrastLoss, _LogSumExpOfProducts,
                                           sample_pixels_per_class)
@@ -323,9 +323,7 @@ def test_finetune_step_equals_dense_reference(phantom, name, attributes):
         b = batch['data'].shape[0] + unlabeled['data_weak'].shape[0]
         assert runs[True][0][3] == (2 * b if has_equivariance else b)
         assert runs[False][0][3] == b
-    for loader in (trainer.dataloader_train, trainer.dataloader_val, trainer.dataloader_unlabeled):
-        if hasattr(loader, '_finish'):
-            loader._finish()
+    stop_loaders(trainer)
 
 
 def test_action_teacher_reads_the_unlabelled_rows_only(phantom):
@@ -346,9 +344,7 @@ def test_action_teacher_reads_the_unlabelled_rows_only(phantom):
             trainer._features.clear()
             trainer.prepare_student_input(batch['data'], unlabeled['data_weak'], unlabeled['data_strong'])
         seen[name] = calls
-        for loader in (trainer.dataloader_train, trainer.dataloader_val, trainer.dataloader_unlabeled):
-            if hasattr(loader, '_finish'):
-                loader._finish()
+        stop_loaders(trainer)
     n_l, n_u = batch['data'].shape[0], unlabeled['data_weak'].shape[0]
     assert seen['nnUNetTrainerACTION'] == [n_l + n_u, n_u]
     assert seen['nnUNetTrainerACTIONpp'] == [n_l + n_u, n_l + n_u]

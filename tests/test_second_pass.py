@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_trainer, trainer_state as _state
+from conftest import make_trainer, stop_loaders, trainer_state as _state
 
 
 def _finetuning_mona(phantom, fold=0, bank=30000, repeat_rows=1, frozen_teacher=False):
@@ -23,9 +23,7 @@ def _finetuning_mona(phantom, fold=0, bank=30000, repeat_rows=1, frozen_teacher=
         batch = {'data': batch['data'].repeat(repeat_rows, 1, 1, 1),
                  'target': [t.repeat(repeat_rows, 1, 1, 1) for t in batch['target']]}
         unlabeled = {k: unlabeled[k].repeat(repeat_rows, 1, 1, 1) for k in ('data_weak', 'data_strong')}
-    for loader in (trainer.dataloader_train, trainer.dataloader_val, trainer.dataloader_unlabeled):
-        if hasattr(loader, '_finish'):
-            loader._finish()
+    stop_loaders(trainer)
     trainer.dataloader_unlabeled = itertools.repeat(unlabeled)              # every step: the same unlabelled batch
     return trainer, batch
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_trainer
+from conftest import make_trainer, stop_loaders
 
 
 @pytest.fixture(scope='module')
@@ -121,9 +121,7 @@ def test_step_outputs_are_numpy_scalars_that_sum_to_the_loss(phantom):
     try:
         outs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(2)]
     finally:
-        for loader in (trainer.dataloader_train, trainer.dataloader_val, trainer.dataloader_unlabeled):
-            if hasattr(loader, '_finish'):
-                loader._finish()
+        stop_loaders(trainer)
     for step, out in enumerate(outs):
         assert {type(out[k]) for k in ('loss', 'supervised', 'consistency')} == {np.float32}
         ramp = sigmoid_rampup(step, trainer.consistency_rampup_fraction * trainer.total_iterations)

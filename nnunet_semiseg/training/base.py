@@ -81,7 +81,7 @@ def _weighted_sum(start: torch.Tensor, terms: Dict[str, Tuple[float, torch.Tenso
 
 def _scalar(value) -> np.float32:
     """A loss value as a numpy scalar (a Python object, no tensor or C buffer behind it)."""
-    return np.float32(value.detach().float().item() if torch.is_tensor(value) else value)
+    return np.float32(float(value))  # float() reads a 0-d tensor's value (any dtype) or takes a Python number
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:

@@ -185,7 +185,7 @@ class RunTimer:
         peak = peak_memory_mb(self.device)
         if peak - self._last_rise >= self.PEAK_RISE_MB:
             self.state['peak_rises'].append({'epoch': epoch, 'where': where,
-                                             'peak_mb': round(peak, 1)})
+                                             'peak_mb': peak})
             self._last_rise = peak
         return peak
 
@@ -210,8 +210,8 @@ class RunTimer:
         epoch_peak = self._note_peak(self.state['epochs_done'], 'epoch_end')  # nnU-Net has counted the epoch
         self.state['peak_memory_mb'] = max(self.state['peak_memory_mb'], epoch_peak)
         self.state['memory_by_epoch'].append({
-            'epoch': self.state['epochs_done'], 'train_peak_mb': round(self._train_peak, 1),
-            'epoch_peak_mb': round(epoch_peak, 1), 'rss_mb': current_memory_mb(self.device)})
+            'epoch': self.state['epochs_done'], 'train_peak_mb': self._train_peak,
+            'epoch_peak_mb': epoch_peak, 'rss_mb': current_memory_mb(self.device)})
         if self._machine not in self.state['machines']:  # the machines that trained epochs, not the one predicting
             self.state['machines'].append(self._machine)
         self.save()
@@ -240,12 +240,12 @@ def _hms(seconds: float) -> str:
 
 def peak_memory_mb(device) -> float:
     """CUDA: ``torch.cuda.max_memory_allocated``; CPU: this process' peak resident set size (augmentation workers,
-    separate processes, not included)."""
+    separate processes, not included). Rounded to 0.1 MB here, once, so that every record compares as it reads."""
     if device.type == 'cuda':
         import torch
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2 ** 20 if sys.platform == 'darwin' else rss / 1024  # bytes on macOS, KiB on Linux
+    return round(rss / 2 ** 20 if sys.platform == 'darwin' else rss / 1024, 1)  # bytes on macOS, KiB on Linux
 
 
 def current_memory_mb(device) -> Optional[float]:

@@ -81,6 +81,8 @@ def _weighted_sum(start: torch.Tensor, terms: Dict[str, Tuple[float, torch.Tenso
 
 def _scalar(value) -> np.float32:
     """A loss value as a numpy scalar (a Python object, no tensor or C buffer behind it)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()  # a loss still holds its graph; float() of it warns
     return np.float32(float(value))  # float() reads a 0-d tensor's value (any dtype) or takes a Python number
 
 

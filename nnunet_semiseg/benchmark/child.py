@@ -207,11 +207,12 @@ class RunTimer:
         result = self._on_epoch_end()  # nnU-Net's: logs, checkpoint_latest
         self.state['train_wall_s'] += time.perf_counter() - self._epoch_start
         self.state['epochs_done'] = int(self.trainer.current_epoch)
+        held = current_memory_mb(self.device)  # read before the peak, which can then only be >= it
         epoch_peak = self._note_peak(self.state['epochs_done'], 'epoch_end')  # nnU-Net has counted the epoch
         self.state['peak_memory_mb'] = max(self.state['peak_memory_mb'], epoch_peak)
         self.state['memory_by_epoch'].append({
             'epoch': self.state['epochs_done'], 'train_peak_mb': self._train_peak,
-            'epoch_peak_mb': epoch_peak, 'rss_mb': current_memory_mb(self.device)})
+            'epoch_peak_mb': epoch_peak, 'rss_mb': held})
         if self._machine not in self.state['machines']:  # the machines that trained epochs, not the one predicting
             self.state['machines'].append(self._machine)
         self.save()

@@ -111,6 +111,17 @@ def test_machine_fingerprint_is_stable_and_json():
     assert 'gpu' not in first and first['cpu']
 
 
+def test_peak_memory_is_rounded_once_at_the_source(monkeypatch):
+    """CI once failed on 2155.2 <= 2155.16: an epoch's record rounded, the run's peak not. Rounding in
+    peak_memory_mb gives every record the same number for the same reading."""
+    import types
+    import torch
+    from nnunet_semiseg.benchmark import child
+    monkeypatch.setattr(child.sys, 'platform', 'linux')
+    monkeypatch.setattr(child.resource, 'getrusage', lambda who: types.SimpleNamespace(ru_maxrss=2206884))  # KiB
+    assert child.peak_memory_mb(torch.device('cpu')) == 2155.2  # 2155.16015625 MB
+
+
 def test_run_timer_records_where_the_peak_rises(tmp_path, monkeypatch):
     """Per epoch: the peak after its training steps, after validation/checkpoint, the memory held; and the steps
     (or epoch ends) where the peak rose by PEAK_RISE_MB or more. Continued runs extend the same records."""

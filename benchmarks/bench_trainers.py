@@ -70,15 +70,6 @@ def add_dataset_arguments(parser) -> None:
     parser.add_argument('-p', default='nnUNetPlans')
 
 
-def stop_loaders(trainer) -> None:
-    """Stop the worker processes of a trainer's data loaders (training, validation, unlabelled), which would otherwise
-    outlive the script (and hold its stdout open)."""
-    for name in ('dataloader_train', 'dataloader_val', 'dataloader_unlabeled'):
-        loader = getattr(trainer, name, None)
-        if hasattr(loader, '_finish'):
-            loader._finish()
-
-
 def build_trainer(spec: str, dataset, configuration: str, plans_name: str, device, epochs: int = 1000,
                   iterations: int = 250):
     """The trainer ``spec`` (``NAME[:attr=value,...]``) built as ``nnUNetv2_train`` builds it on a planned dataset
@@ -128,6 +119,8 @@ class TimedLoader:
 def measure(args) -> dict:
     import numpy as np
     import torch
+
+    from nnunet_semiseg.training.base import stop_loaders
 
     torch.manual_seed(0)
     device = torch.device(args.device)

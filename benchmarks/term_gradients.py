@@ -21,7 +21,8 @@ import os
 
 
 def main(argv=None) -> None:
-    from bench_trainers import add_dataset_arguments, build_trainer, stop_loaders
+    from bench_trainers import add_dataset_arguments, build_trainer
+    from nnunet_semiseg.training.base import stop_loaders
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_arguments(ap)
     ap.add_argument('-tr', required=True, help='NAME[:attr=value,...] as in bench_trainers.py')

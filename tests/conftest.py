@@ -75,13 +75,6 @@ def make_trainer(phantom, trainer_name, configuration='2d', epochs=1, iterations
     return trainer
 
 
-
-def stop_loaders(trainer):
-    """Stop the worker processes of a trainer's data loaders (training, validation, unlabelled)."""
-    for loader in (trainer.dataloader_train, trainer.dataloader_val, getattr(trainer, 'dataloader_unlabeled', None)):
-        if hasattr(loader, '_finish'):
-            loader._finish()
-
 def trainer_state(trainer):
     """Everything a semi-supervised training step may change, as tensor copies: student, teacher, loss modules'
     buffers and parameters, optimizer state."""

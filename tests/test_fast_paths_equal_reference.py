@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import reference_dense
-from conftest import make_trainer, stop_loaders
+from conftest import make_trainer
 from nnunet_semiseg.contrast.anatomical import AnatomicalContrastLoss, group_by_class, sample_negatives
 from nnunet_semiseg.contrast.ascl import (AdaptiveSupervisedContrastLoss, _LogSumExpOfProducts,
                                           sample_pixels_per_class)
 from nnunet_semiseg.contrast.pixel_contrast import PixelContrastLoss
 from nnunet_semiseg.heads import FPNProjectionHead, Predictor
-from nnunet_semiseg.training.base import SemiSegBatch
+from nnunet_semiseg.training.base import SemiSegBatch, stop_loaders
 
 TIGHT = 1e-10   # float64: same sums, other order
 FLOAT32 = 1e-5  # the losses take their logits in float32: relative to the largest entry

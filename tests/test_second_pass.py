@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_trainer, stop_loaders, trainer_state as _state
+from conftest import make_trainer, trainer_state as _state
+from nnunet_semiseg.training.base import stop_loaders
 
 
 def _finetuning_mona(phantom, fold=0, bank=30000, repeat_rows=1, frozen_teacher=False):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_trainer, stop_loaders
+from conftest import make_trainer
+from nnunet_semiseg.training.base import stop_loaders
 
 
 @pytest.fixture(scope='module')

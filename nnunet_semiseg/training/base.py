@@ -86,6 +86,15 @@ def _scalar(value) -> np.float32:
     return np.float32(float(value))  # float() reads a 0-d tensor's value (any dtype) or takes a Python number
 
 
+def stop_loaders(trainer) -> None:
+    """Stop the worker processes of a trainer's data loaders (training, validation, unlabelled), for code that drives
+    steps outside ``run_training`` (benchmarks, tests): they would otherwise outlive it (and hold its stdout open)."""
+    for name in ('dataloader_train', 'dataloader_val', 'dataloader_unlabeled'):
+        loader = getattr(trainer, name, None)
+        if hasattr(loader, '_finish'):
+            loader._finish()
+
+
 def unwrap_network(network: nn.Module) -> nn.Module:
     """The plain network inside DDP and/or torch.compile wrappers."""
     if isinstance(network, nn.parallel.DistributedDataParallel):

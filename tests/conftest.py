@@ -85,3 +85,20 @@ def trainer_state(trainer):
     for i, group in trainer.optimizer.state_dict()['state'].items():
         state.update({f'optimizer.{i}.{k}': torch.as_tensor(v) for k, v in group.items() if v is not None})
     return {k: v.detach().clone() for k, v in state.items()}
+
+
+def training_snapshot(trainer):
+    """Deep copies of what a training step reads and changes (student, teacher, modules, optimizer, step counter),
+    for :func:`load_training_snapshot`: the same step run two ways from one start."""
+    import copy
+    return copy.deepcopy({'network': trainer.network.state_dict(), 'teacher': trainer.teacher.state_dict(),
+                          'modules': trainer.semiseg_modules.state_dict(),
+                          'optimizer': trainer.optimizer.state_dict(), 'step': trainer.semiseg_step})
+
+
+def load_training_snapshot(trainer, snapshot):
+    trainer.network.load_state_dict(snapshot['network'])
+    trainer.teacher.load_state_dict(snapshot['teacher'])
+    trainer.semiseg_modules.load_state_dict(snapshot['modules'])
+    trainer.optimizer.load_state_dict(snapshot['optimizer'])
+    trainer.semiseg_step = snapshot['step']

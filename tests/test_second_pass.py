@@ -1,14 +1,14 @@
 """The base trainer's second pass (MONA/ARCO's equivariance rows in a forward of their own, after the first pass's
 backward): the same step as one forward over all rows (gradients, update, logged terms), a lower peak of tensor
 memory, a non-finite second pass skips the whole step, and batch-statistics networks keep one pass."""
-import copy
 import itertools
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import make_trainer, trainer_state as _state
+from conftest import load_training_snapshot as _load, make_trainer, training_snapshot as _snapshot, \
+    trainer_state as _state
 from nnunet_semiseg.training.base import stop_loaders
 
 
@@ -27,20 +27,6 @@ def _finetuning_mona(phantom, fold=0, bank=30000, repeat_rows=1, frozen_teacher=
     stop_loaders(trainer)
     trainer.dataloader_unlabeled = itertools.repeat(unlabeled)              # every step: the same unlabelled batch
     return trainer, batch
-
-
-def _load(trainer, snapshot):
-    trainer.network.load_state_dict(snapshot['network'])
-    trainer.teacher.load_state_dict(snapshot['teacher'])
-    trainer.semiseg_modules.load_state_dict(snapshot['modules'])
-    trainer.optimizer.load_state_dict(snapshot['optimizer'])
-    trainer.semiseg_step = snapshot['step']
-
-
-def _snapshot(trainer):
-    return copy.deepcopy({'network': trainer.network.state_dict(), 'teacher': trainer.teacher.state_dict(),
-                          'modules': trainer.semiseg_modules.state_dict(),
-                          'optimizer': trainer.optimizer.state_dict(), 'step': trainer.semiseg_step})
 
 
 def test_second_pass_step_equals_the_one_pass_step(phantom):

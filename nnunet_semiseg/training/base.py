@@ -17,6 +17,10 @@ What the base guarantees:
   A trainer may add a *second pass* (:meth:`~nnUNetTrainerSemiSupervised.second_pass_terms`): rows whose terms
   read the first pass only without gradient run after its backward, so the step's gradient is the same and its
   peak memory holds one graph instead of both (MONA's equivariance rows);
+* on the CPU each forward (student and teacher) runs over at most the plans' batch size of rows at a time and
+  concatenates the outputs (``rows_per_pass``): instance norm keeps rows independent, so the losses and gradients
+  are the one-forward ones, and a CPU pass over 8 rows costs 11-14 % more than two passes over 4
+  (docs/benchmarks.md, "Network passes no larger than plain's batch");
 * the teacher (:class:`~nnunet_semiseg.teacher.EMATeacher`) lives outside ``self.network``, so
   ``network_weights`` in every checkpoint is exactly what nnU-Net's ``build_network_architecture`` builds and plain
   ``nnUNetv2_predict`` loads it; the teacher also averages the modules named in ``ema_module_names``;
@@ -163,6 +167,10 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         # True: a skipped step also puts the feature banks back, from a copy taken at every step's start (61 MB on
         # the development plans, alive at the step's peak); False: they keep the finite teacher features it pushed
         self.restore_banks_on_skip = False
+        # rows one network pass runs at once: 'auto' = the plans' batch size on the CPU and every row in one pass on a
+        # GPU (where a larger batch costs less per row); None = one pass; an int = that many. Never split under DDP
+        # (one forward per backward) or with batch statistics (rows would no longer be independent)
+        self.rows_per_pass: Union[str, int, None] = 'auto'
 
         self.teacher: Optional[EMATeacher] = None
         self.semiseg_modules = nn.ModuleDict()
@@ -252,9 +260,36 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     def teacher_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[object, torch.Tensor]]:
         """Teacher logits ``[B, K, *patch]`` (full resolution, no gradient) and its tapped features."""
         with torch.no_grad():
-            logits = self.teacher.module['network'](x)
+            logits = self.forward_in_passes(self.teacher.module['network'], x, 'teacher')
         feats = {k: v for (role, k), v in self._features.items() if role == 'teacher'}
         return logits, feats
+
+    def pass_rows(self) -> Optional[int]:
+        """How many rows one network pass runs at once (None: all), from ``rows_per_pass``."""
+        if self.is_ddp or self.rows_share_batch_statistics():
+            return None
+        if self.rows_per_pass == 'auto':
+            return self.batch_size if self.device.type == 'cpu' else None
+        if self.rows_per_pass is not None and (not isinstance(self.rows_per_pass, int) or self.rows_per_pass < 1):
+            raise ValueError(f"{self.__class__.__name__}.rows_per_pass must be 'auto', None or a positive int, "
+                             f"not {self.rows_per_pass!r}")
+        return self.rows_per_pass
+
+    def forward_in_passes(self, network: nn.Module, x: torch.Tensor, role: str) -> Output:
+        """``network(x)`` run over at most :meth:`pass_rows` rows at a time: outputs (every deep-supervision level)
+        and the ``role``'s tapped features concatenated along the rows, so callers see one forward's results."""
+        rows = self.pass_rows()
+        if rows is None or x.shape[0] <= rows:
+            return network(x)
+        outputs, taps = [], []
+        for part in x.split(rows):
+            outputs.append(network(part))
+            taps.append({k: v for k, v in self._features.items() if k[0] == role})
+        self._features.update({k: torch.cat([t[k] for t in taps]) for k in taps[0]})
+        del taps
+        if isinstance(outputs[0], (list, tuple)):
+            return [torch.cat(level) for level in zip(*outputs)]
+        return torch.cat(outputs)
 
     def _trainable_parameters(self) -> List[nn.Parameter]:
         return list(self.network.parameters()) + [p for p in self.semiseg_modules.parameters() if p.requires_grad]
@@ -392,7 +427,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         takes each term's gradient from it)."""
         self._features.clear()
         x, rows = self.prepare_student_input(data, data_weak, data_strong)
-        output = self.network(x)
+        output = self.forward_in_passes(self.network, x, 'student')
         n = data.shape[0]
         output_labeled = [o[:n] for o in output] if isinstance(output, (list, tuple)) else output[:n]
         supervised = self.loss(output_labeled, target)

@@ -383,7 +383,7 @@ class PixelContrastMethod(nnUNetTrainerContrastiveBase):
         eqv = self.semiseg_modules['equivariance']
         x, theta = self._cache.pop('equivariance_input'), self._cache['theta']
         target, mask = self._cache.pop('equivariance_target')
-        output = self.network(eqv.warp(x, theta))
+        output = self.forward_in_passes(self.network, eqv.warp(x, theta), 'student')
         logits = output[0] if isinstance(output, (list, tuple)) else output
         return {'equivariance': (self.lambda_equivariance, eqv(logits.float(), target, mask))}
 

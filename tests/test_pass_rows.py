@@ -1,0 +1,105 @@
+"""Network passes over at most ``rows_per_pass`` rows (the CPU default: the plans' batch size): the same step as one
+forward over all rows, for every kind of step (Mean Teacher; relational pre-training; MONA/ARCO's fine-tuning with
+its second pass; ACTION++'s fine-tuning), and no split where rows are not independent."""
+import itertools
+
+import pytest
+import torch
+
+from conftest import load_training_snapshot, make_trainer, trainer_state, training_snapshot
+from nnunet_semiseg.training.base import stop_loaders
+
+
+def _trainer_at(phantom, name, phase):
+    trainer = make_trainer(phantom, name, '2d', epochs=3, iterations=2)
+    if name != 'nnUNetTrainerMeanTeacher':
+        trainer.num_queries, trainer.num_negatives, trainer.negative_bank_size = 32, 64, 500
+        trainer.unsup_gate_threshold = None      # pseudo-labels from the first fine-tuning step: every term runs
+        trainer.unsup_threshold = 0.1            # every teacher pixel counted (see test_second_pass)
+    trainer.on_train_start()
+    if phase == 'finetune':
+        trainer.semiseg_step = trainer.pretrain_iterations
+    # the teacher stays the initial student: its pseudo-labels, samples and bank pushes are the same both ways, so
+    # only the student's rounding differs (test_second_pass explains why an EMA teacher would let samples flip)
+    trainer.teacher.update = lambda student: None
+    batch, unlabeled = next(trainer.dataloader_train), next(trainer.dataloader_unlabeled)
+    stop_loaders(trainer)
+    trainer.dataloader_unlabeled = itertools.repeat(unlabeled)
+    return trainer, batch
+
+
+@pytest.mark.parametrize('name, phase', [('nnUNetTrainerMeanTeacher', 'all'),
+                                         ('nnUNetTrainerARCO_SAG', 'pretrain'),
+                                         ('nnUNetTrainerARCO_SAG', 'finetune'),
+                                         ('nnUNetTrainerMONA', 'finetune'),
+                                         ('nnUNetTrainerACTIONpp', 'finetune')])
+def test_passes_of_fewer_rows_give_the_one_pass_step(phantom, name, phase):
+    trainer, batch = _trainer_at(phantom, name, phase)
+    assert trainer.batch_size == 4 and trainer.pass_rows() == 4          # 'auto' on the CPU: the plans' batch size
+    start = training_snapshot(trainer)
+    calls = []
+    network_forward = trainer.network.forward
+    trainer.network.forward = lambda x: calls.append(x.shape[0]) or network_forward(x)
+    runs = {}
+    for rows in (None, 3):          # 3: uneven passes (8 rows as 3 + 3 + 2), every row boundary inside a part
+        load_training_snapshot(trainer, start)
+        trainer.rows_per_pass = rows
+        calls.clear()
+        outs = []
+        for seed in (0, 1):         # the second step reads the first one's momentum and banks
+            torch.manual_seed(seed)
+            outs.append(trainer.train_step(batch))
+        runs[rows] = outs, trainer_state(trainer), list(calls)
+    (outs_one, state_one, calls_one), (outs_split, state_split, calls_split) = runs[None], runs[3]
+    assert max(calls_one) == 8 and max(calls_split) == 3 and sum(calls_split) == sum(calls_one)
+    terms = [k for k in outs_one[0] if k not in ('nonfinite_skipped',) and not torch.isnan(torch.tensor(
+        float(outs_one[0][k])))]
+    assert 'supervised' in terms and len(terms) >= 3, terms                    # supervised, loss, and a term
+    for a, b in zip(outs_one, outs_split):
+        assert not a['nonfinite_skipped'] and not b['nonfinite_skipped']
+        for key in terms:
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), key
+    assert state_one.keys() == state_split.keys()
+    for key, one in state_one.items():
+        # as in test_second_pass: momentum holds clipped gradients summed in another order; weights after two steps
+        tolerance = 1e-4 * float(one.float().abs().max()) + 1e-6 if 'momentum' in key else 1e-6
+        assert float((state_split[key].float() - one.float()).abs().max()) <= tolerance, key
+
+
+def test_pass_rows_follows_the_device_and_keeps_coupled_rows_together(phantom):
+    trainer = make_trainer(phantom, 'nnUNetTrainerMeanTeacher', '2d')
+    trainer.initialize()
+    assert trainer.pass_rows() == trainer.batch_size == 4
+    trainer.device = torch.device('cuda')        # read only by pass_rows here: no CUDA needed
+    assert trainer.pass_rows() is None           # a GPU runs all rows in one pass
+    trainer.rows_per_pass = 2
+    assert trainer.pass_rows() == 2
+    trainer._batch_statistics = True             # BatchNorm couples the rows of a forward: never split
+    assert trainer.pass_rows() is None
+    trainer._batch_statistics = None
+    for bad in (0, -1, 2.5, 'half'):
+        trainer.rows_per_pass = bad
+        with pytest.raises(ValueError, match='rows_per_pass'):
+            trainer.pass_rows()
+
+
+def test_forward_in_passes_concatenates_outputs_and_tapped_features(phantom):
+    trainer = make_trainer(phantom, 'nnUNetTrainerARCO_SAG', '2d')
+    trainer.initialize()
+    net = trainer.network
+    x = torch.randn((7, 1) + tuple(trainer.configuration_manager.patch_size))
+    with torch.no_grad():
+        trainer.rows_per_pass = None
+        trainer._features.clear()
+        whole = trainer.forward_in_passes(net, x, 'student')
+        feats_whole = trainer.student_features()
+        trainer.rows_per_pass = 2
+        trainer._features.clear()
+        parts = trainer.forward_in_passes(net, x, 'student')
+        feats_parts = trainer.student_features()
+    assert isinstance(whole, (list, tuple)) and len(parts) == len(whole)      # every deep-supervision level
+    for a, b in zip(whole, parts):
+        assert b.shape == a.shape and torch.allclose(a, b, atol=1e-5)
+    assert feats_parts.keys() == feats_whole.keys() and feats_whole
+    for k in feats_whole:
+        assert feats_parts[k].shape[0] == 7 and torch.allclose(feats_whole[k], feats_parts[k], atol=1e-5), k

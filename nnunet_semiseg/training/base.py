@@ -19,8 +19,9 @@ What the base guarantees:
   peak memory holds one graph instead of both (MONA's equivariance rows);
 * on the CPU each forward (student and teacher) runs over at most the plans' batch size of rows at a time and
   concatenates the outputs (``rows_per_pass``): instance norm keeps rows independent, so the losses and gradients
-  are the one-forward ones, and a CPU pass over 8 rows costs 11-14 % more than two passes over 4
-  (docs/benchmarks.md, "Network passes no larger than plain's batch");
+  are the one-forward ones, and on a 2-core CPU a pass over 8 rows costs 8-14 % more than two over 4, so Mean
+  Teacher's and ARCO's steps run 1-3 % faster and Mean Teacher's peak memory is 12 % lower (docs/benchmarks.md,
+  "Network passes no larger than plain's batch");
 * the teacher (:class:`~nnunet_semiseg.teacher.EMATeacher`) lives outside ``self.network``, so
   ``network_weights`` in every checkpoint is exactly what nnU-Net's ``build_network_architecture`` builds and plain
   ``nnUNetv2_predict`` loads it; the teacher also averages the modules named in ``ema_module_names``;

@@ -25,15 +25,18 @@ def _poison(trainer, term, steps):
             return value * float('nan') if steps is None or trainer.semiseg_step in steps else value
         trainer.loss = poisoned_loss
         return
-    original = trainer.compute_semisupervised_terms
 
-    def poisoned(batch):
-        terms = original(batch)
-        if steps is None or trainer.semiseg_step in steps:
-            weight, value = terms[term]
-            terms[term] = (weight, value * float('nan'))
-        return terms
-    trainer.compute_semisupervised_terms = poisoned
+    def poisoning(method):
+        def poisoned(*args):
+            terms = method(*args)
+            if term in terms and (steps is None or trainer.semiseg_step in steps):
+                weight, value = terms[term]
+                terms[term] = (weight, value * float('nan'))
+            return terms
+        return poisoned
+    # a term comes from the first pass or from a second pass of its own (Mean Teacher's unlabelled rows)
+    trainer.compute_semisupervised_terms = poisoning(trainer.compute_semisupervised_terms)
+    trainer.second_pass_terms = poisoning(trainer.second_pass_terms)
 
 
 def _changed(before, after):

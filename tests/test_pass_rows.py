@@ -1,6 +1,7 @@
 """Network passes over at most ``rows_per_pass`` rows (the CPU default: the plans' batch size): the same step as one
 forward over all rows, for every kind of step (Mean Teacher; relational pre-training; MONA/ARCO's fine-tuning with
-its second pass; ACTION++'s fine-tuning), and no split where rows are not independent."""
+its second pass; ACTION++'s fine-tuning), and no split where rows are not independent. Mean Teacher's unlabelled
+rows in a second pass: the same step too."""
 import itertools
 
 import pytest
@@ -28,6 +29,41 @@ def _trainer_at(phantom, name, phase):
     return trainer, batch
 
 
+def _two_steps_each_way(trainer, batch, setups):
+    """Two training steps from one start under each ``(attribute, value)`` of ``setups``: the logged outputs, the
+    state after them, and the row counts of the student's forward calls."""
+    start = training_snapshot(trainer)
+    calls = []
+    network_forward = trainer.network.forward
+    trainer.network.forward = lambda x: calls.append(x.shape[0]) or network_forward(x)
+    runs = []
+    for attribute, value in setups:
+        load_training_snapshot(trainer, start)
+        setattr(trainer, attribute, value)
+        calls.clear()
+        outs = []
+        for seed in (0, 1):         # the second step reads the first one's momentum and banks
+            torch.manual_seed(seed)
+            outs.append(trainer.train_step(batch))
+        runs.append((outs, trainer_state(trainer), list(calls)))
+    return runs
+
+
+def _assert_same_steps(run_a, run_b):
+    (outs_a, state_a, _), (outs_b, state_b, _) = run_a, run_b
+    terms = [k for k in outs_a[0] if k != 'nonfinite_skipped' and not torch.isnan(torch.tensor(float(outs_a[0][k])))]
+    assert 'supervised' in terms and len(terms) >= 3, terms                    # supervised, loss, and a term
+    for a, b in zip(outs_a, outs_b):
+        assert not a['nonfinite_skipped'] and not b['nonfinite_skipped']
+        for key in terms:
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), key
+    assert state_a.keys() == state_b.keys()
+    for key, one in state_a.items():
+        # as in test_second_pass: momentum holds clipped gradients summed in another order; weights after two steps
+        tolerance = 1e-4 * float(one.float().abs().max()) + 1e-6 if 'momentum' in key else 1e-6
+        assert float((state_b[key].float() - one.float()).abs().max()) <= tolerance, key
+
+
 @pytest.mark.parametrize('name, phase', [('nnUNetTrainerMeanTeacher', 'all'),
                                          ('nnUNetTrainerARCO_SAG', 'pretrain'),
                                          ('nnUNetTrainerARCO_SAG', 'finetune'),
@@ -36,34 +72,22 @@ def _trainer_at(phantom, name, phase):
 def test_passes_of_fewer_rows_give_the_one_pass_step(phantom, name, phase):
     trainer, batch = _trainer_at(phantom, name, phase)
     assert trainer.batch_size == 4 and trainer.pass_rows() == 4          # 'auto' on the CPU: the plans' batch size
-    start = training_snapshot(trainer)
-    calls = []
-    network_forward = trainer.network.forward
-    trainer.network.forward = lambda x: calls.append(x.shape[0]) or network_forward(x)
-    runs = {}
-    for rows in (None, 3):          # 3: uneven passes (8 rows as 3 + 3 + 2), every row boundary inside a part
-        load_training_snapshot(trainer, start)
-        trainer.rows_per_pass = rows
-        calls.clear()
-        outs = []
-        for seed in (0, 1):         # the second step reads the first one's momentum and banks
-            torch.manual_seed(seed)
-            outs.append(trainer.train_step(batch))
-        runs[rows] = outs, trainer_state(trainer), list(calls)
-    (outs_one, state_one, calls_one), (outs_split, state_split, calls_split) = runs[None], runs[3]
-    assert max(calls_one) == 8 and max(calls_split) == 3 and sum(calls_split) == sum(calls_one)
-    terms = [k for k in outs_one[0] if k not in ('nonfinite_skipped',) and not torch.isnan(torch.tensor(
-        float(outs_one[0][k])))]
-    assert 'supervised' in terms and len(terms) >= 3, terms                    # supervised, loss, and a term
-    for a, b in zip(outs_one, outs_split):
-        assert not a['nonfinite_skipped'] and not b['nonfinite_skipped']
-        for key in terms:
-            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), key
-    assert state_one.keys() == state_split.keys()
-    for key, one in state_one.items():
-        # as in test_second_pass: momentum holds clipped gradients summed in another order; weights after two steps
-        tolerance = 1e-4 * float(one.float().abs().max()) + 1e-6 if 'momentum' in key else 1e-6
-        assert float((state_split[key].float() - one.float()).abs().max()) <= tolerance, key
+    if name == 'nnUNetTrainerMeanTeacher':
+        trainer.unlabeled_second_pass = False    # all 8 rows in the first forward, the rows to split
+    # 3: uneven passes (8 rows as 3 + 3 + 2), every row boundary inside a part
+    one, split = _two_steps_each_way(trainer, batch, [('rows_per_pass', None), ('rows_per_pass', 3)])
+    assert max(one[2]) == 8 and max(split[2]) == 3 and sum(split[2]) == sum(one[2])
+    _assert_same_steps(one, split)
+
+
+def test_mean_teachers_unlabelled_second_pass_gives_the_one_forward_step(phantom):
+    trainer, batch = _trainer_at(phantom, 'nnUNetTrainerMeanTeacher', 'all')
+    trainer.rows_per_pass = None
+    one, two = _two_steps_each_way(trainer, batch, [('unlabeled_second_pass', False),
+                                                    ('unlabeled_second_pass', True)])
+    assert one[2] == [8, 8] and two[2] == [4, 4, 4, 4]     # per step: one forward of 8 rows, or 4 then 4
+    _assert_same_steps(one, two)
+    assert float(two[0][0]['consistency']) > 0
 
 
 def test_pass_rows_follows_the_device_and_keeps_coupled_rows_together(phantom):

@@ -16,7 +16,7 @@ What the base guarantees:
   break DDP); the supervised loss is nnU-Net's own ``self.loss`` on the labelled part, deep supervision included.
   A trainer may add a *second pass* (:meth:`~nnUNetTrainerSemiSupervised.second_pass_terms`): rows whose terms
   read the first pass only without gradient run after its backward, so the step's gradient is the same and its
-  peak memory holds one graph instead of both (MONA's equivariance rows);
+  peak memory holds one graph instead of both (MONA's equivariance rows, Mean Teacher's unlabelled rows);
 * on the CPU each forward (student and teacher) runs over at most the plans' batch size of rows at a time and
   concatenates the outputs (``rows_per_pass``): instance norm keeps rows independent, so the losses and gradients
   are the one-forward ones, and on a 2-core CPU a pass over 8 rows costs 8-14 % more than two over 4, so Mean

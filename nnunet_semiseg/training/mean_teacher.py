@@ -6,7 +6,7 @@ matches the EMA teacher on the weak view, ``MSE(softmax(student), softmax(teache
 The supervised loss reads only the labelled rows and the consistency only the unlabelled ones (its teacher target has
 no gradient), so the unlabelled rows run as the base trainer's second pass, after the labelled pass's backward has
 freed its graph: the same gradient, with one graph of the labelled batch's size alive at a time
-(``unlabeled_second_pass = False``: one forward over both, as DDP-free code usually writes it)."""
+(``unlabeled_second_pass = False``: one forward over both rows, the way the reference implementations write it)."""
 import torch
 import torch.nn.functional as F
 

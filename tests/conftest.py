@@ -102,3 +102,47 @@ def load_training_snapshot(trainer, snapshot):
     trainer.semiseg_modules.load_state_dict(snapshot['modules'])
     trainer.optimizer.load_state_dict(snapshot['optimizer'])
     trainer.semiseg_step = snapshot['step']
+
+
+def steps_each_way(trainer, batch, setups):
+    """Two training steps from one start under each ``(attribute, value)`` of ``setups``: the logged outputs, the
+    state after them, and the row counts of the student's forward calls."""
+    import torch
+    start = training_snapshot(trainer)
+    calls = []
+    network_forward = trainer.network.forward
+    trainer.network.forward = lambda x: calls.append(x.shape[0]) or network_forward(x)
+    runs = []
+    for attribute, value in setups:
+        load_training_snapshot(trainer, start)
+        setattr(trainer, attribute, value)
+        calls.clear()
+        outs = []
+        for seed in (0, 1):         # the second step reads the first one's momentum and banks
+            torch.manual_seed(seed)
+            outs.append(trainer.train_step(batch))
+        runs.append((outs, trainer_state(trainer), list(calls)))
+    return runs
+
+
+def assert_same_steps(run_a, run_b):
+    """Two runs of :func:`steps_each_way` give the same step: every logged value that is not NaN, to float tolerance,
+    and every tensor of :func:`trainer_state`. Returns the logged keys compared."""
+    import pytest
+    import torch
+    (outs_a, state_a, _), (outs_b, state_b, _) = run_a, run_b
+    terms = [k for k in outs_a[0] if k != 'nonfinite_skipped' and not torch.isnan(torch.tensor(float(outs_a[0][k])))]
+    assert 'supervised' in terms and len(terms) >= 3, terms                    # supervised, loss, and a term
+    for a, b in zip(outs_a, outs_b):
+        assert not a['nonfinite_skipped'] and not b['nonfinite_skipped']
+        for key in terms:
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), key
+    assert state_a.keys() == state_b.keys()
+    for key, one in state_a.items():
+        # momentum buffers hold the (clipped) gradients: 1e-4 of each tensor's largest entry, float32 sums in
+        # another order, and 1e-6 absolute for a head whose gradient is a cancellation near 0 (its largest entry
+        # 2e-7 on CI's clean clone, apart by 1.1e-7); weights, teacher and banks: after two SGD steps of lr 1e-2,
+        # to 1e-6
+        tolerance = 1e-4 * float(one.float().abs().max()) + 1e-6 if 'momentum' in key else 1e-6
+        assert float((state_b[key].float() - one.float()).abs().max()) <= tolerance, key
+    return terms

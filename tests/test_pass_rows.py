@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import load_training_snapshot, make_trainer, trainer_state, training_snapshot
+from conftest import assert_same_steps, make_trainer, steps_each_way
 from nnunet_semiseg.training.base import stop_loaders
 
 
@@ -29,41 +29,6 @@ def _trainer_at(phantom, name, phase):
     return trainer, batch
 
 
-def _two_steps_each_way(trainer, batch, setups):
-    """Two training steps from one start under each ``(attribute, value)`` of ``setups``: the logged outputs, the
-    state after them, and the row counts of the student's forward calls."""
-    start = training_snapshot(trainer)
-    calls = []
-    network_forward = trainer.network.forward
-    trainer.network.forward = lambda x: calls.append(x.shape[0]) or network_forward(x)
-    runs = []
-    for attribute, value in setups:
-        load_training_snapshot(trainer, start)
-        setattr(trainer, attribute, value)
-        calls.clear()
-        outs = []
-        for seed in (0, 1):         # the second step reads the first one's momentum and banks
-            torch.manual_seed(seed)
-            outs.append(trainer.train_step(batch))
-        runs.append((outs, trainer_state(trainer), list(calls)))
-    return runs
-
-
-def _assert_same_steps(run_a, run_b):
-    (outs_a, state_a, _), (outs_b, state_b, _) = run_a, run_b
-    terms = [k for k in outs_a[0] if k != 'nonfinite_skipped' and not torch.isnan(torch.tensor(float(outs_a[0][k])))]
-    assert 'supervised' in terms and len(terms) >= 3, terms                    # supervised, loss, and a term
-    for a, b in zip(outs_a, outs_b):
-        assert not a['nonfinite_skipped'] and not b['nonfinite_skipped']
-        for key in terms:
-            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), key
-    assert state_a.keys() == state_b.keys()
-    for key, one in state_a.items():
-        # as in test_second_pass: momentum holds clipped gradients summed in another order; weights after two steps
-        tolerance = 1e-4 * float(one.float().abs().max()) + 1e-6 if 'momentum' in key else 1e-6
-        assert float((state_b[key].float() - one.float()).abs().max()) <= tolerance, key
-
-
 @pytest.mark.parametrize('name, phase', [('nnUNetTrainerMeanTeacher', 'all'),
                                          ('nnUNetTrainerARCO_SAG', 'pretrain'),
                                          ('nnUNetTrainerARCO_SAG', 'finetune'),
@@ -75,18 +40,18 @@ def test_passes_of_fewer_rows_give_the_one_pass_step(phantom, name, phase):
     if name == 'nnUNetTrainerMeanTeacher':
         trainer.unlabeled_second_pass = False    # all 8 rows in the first forward, the rows to split
     # 3: uneven passes (8 rows as 3 + 3 + 2), every row boundary inside a part
-    one, split = _two_steps_each_way(trainer, batch, [('rows_per_pass', None), ('rows_per_pass', 3)])
+    one, split = steps_each_way(trainer, batch, [('rows_per_pass', None), ('rows_per_pass', 3)])
     assert max(one[2]) == 8 and max(split[2]) == 3 and sum(split[2]) == sum(one[2])
-    _assert_same_steps(one, split)
+    assert_same_steps(one, split)
 
 
 def test_mean_teachers_unlabelled_second_pass_gives_the_one_forward_step(phantom):
     trainer, batch = _trainer_at(phantom, 'nnUNetTrainerMeanTeacher', 'all')
     trainer.rows_per_pass = None
-    one, two = _two_steps_each_way(trainer, batch, [('unlabeled_second_pass', False),
+    one, two = steps_each_way(trainer, batch, [('unlabeled_second_pass', False),
                                                     ('unlabeled_second_pass', True)])
     assert one[2] == [8, 8] and two[2] == [4, 4, 4, 4]     # per step: one forward of 8 rows, or 4 then 4
-    _assert_same_steps(one, two)
+    assert_same_steps(one, two)
     assert float(two[0][0]['consistency']) > 0
 
 

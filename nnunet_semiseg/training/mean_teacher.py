@@ -35,7 +35,7 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSemiSupervised):
         return super().prepare_student_input(data, data_weak, data_strong)
 
     def compute_semisupervised_terms(self, batch):
-        if not batch.has_unlabeled or 'unlabeled' not in batch.rows:
+        if 'unlabeled' not in batch.rows:          # no unlabelled stream, or its rows run in the second pass
             return {}
         return {'consistency': self._consistency(batch.logits('unlabeled'), batch.data_weak)}
 

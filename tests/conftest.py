@@ -143,7 +143,7 @@ def assert_same_steps(run_a, run_b):
         # another order, and 1e-6 absolute for a head whose gradient is a cancellation near 0 (its largest entry
         # 2e-7 on CI's clean clone, apart by 1.1e-7); weights, teacher and banks: after two SGD steps of lr 1e-2
         # those gradients' rounding moves a weight by up to 1e-5 of the tensor's largest entry (2.1e-6 on a first
-        # conv of largest entry 0.6, AMD EPYC kernels); a step that differs by a draw moves it by lr x a gradient, far more
+        # conv of largest entry 0.6, AMD EPYC kernels); a step that differs by a draw moves it by lr x a gradient
         scale = 1e-4 if 'momentum' in key else 1e-5
         tolerance = scale * float(one.float().abs().max()) + 1e-6
         assert float((state_b[key].float() - one.float()).abs().max()) <= tolerance, key

@@ -104,11 +104,12 @@ def load_training_snapshot(trainer, snapshot):
     trainer.semiseg_step = snapshot['step']
 
 
-def steps_each_way(trainer, batch, setups):
-    """Two training steps from one start under each ``(attribute, value)`` of ``setups``: the logged outputs, the
-    state after them, and the row counts of the student's forward calls."""
+def steps_each_way(trainer, batch, setups, seeds=(0, 1)):
+    """Two training steps (torch seeded with ``seeds``) from one start under each ``(attribute, value)`` of
+    ``setups``: the logged outputs, the state after them, the row counts of the student's forward calls, and the
+    state at the start."""
     import torch
-    start = training_snapshot(trainer)
+    start, before = training_snapshot(trainer), trainer_state(trainer)
     calls = []
     network_forward = trainer.network.forward
     trainer.network.forward = lambda x: calls.append(x.shape[0]) or network_forward(x)
@@ -118,19 +119,43 @@ def steps_each_way(trainer, batch, setups):
         setattr(trainer, attribute, value)
         calls.clear()
         outs = []
-        for seed in (0, 1):         # the second step reads the first one's momentum and banks
+        for seed in seeds:          # the second step reads the first one's momentum and banks
             torch.manual_seed(seed)
             outs.append(trainer.train_step(batch))
-        runs.append((outs, trainer_state(trainer), list(calls)))
+        runs.append((outs, trainer_state(trainer), list(calls), before))
     return runs
+
+
+STATE_GROUPS = ('network', 'teacher', 'modules', 'optimizer')
+SAME_STEP_TOLERANCE = 2e-2      # of a group's change in two steps; see assert_same_steps
+
+
+def step_differences(run_a, run_b):
+    """Per group of :func:`trainer_state` (student, teacher, loss modules, momentum buffers): how far apart the two
+    runs' states are, as a fraction of how far run a moved that group in its two steps (L2 over the group's tensors
+    together; a momentum buffer starts at 0). A 1e-6 RMS floor stands for a group that did not move."""
+    import torch
+    (_, state_a, _, before), (_, state_b, _, _) = run_a, run_b
+    differences = {}
+    for group in STATE_GROUPS:
+        keys = [k for k in state_a if k.split('.')[0] == group and state_a[k].is_floating_point()]
+        if not keys:
+            continue
+        a, b = (torch.cat([s[k].float().flatten() for k in keys]) for s in (state_a, state_b))
+        start = torch.cat([before[k].float().flatten() if k in before else torch.zeros(state_a[k].numel())
+                           for k in keys])
+        moved = float((a - start).norm()) + 1e-6 * a.numel() ** 0.5
+        differences[group] = float((b - a).norm()) / moved
+    return differences
 
 
 def assert_same_steps(run_a, run_b):
     """Two runs of :func:`steps_each_way` give the same step: every logged value that is not NaN, to float tolerance,
-    and every tensor of :func:`trainer_state`. Returns the logged keys compared."""
+    and every group of :func:`trainer_state` within ``SAME_STEP_TOLERANCE`` of its two steps' change. Returns the
+    logged keys compared."""
     import pytest
     import torch
-    (outs_a, state_a, _), (outs_b, state_b, _) = run_a, run_b
+    (outs_a, state_a, _, _), (outs_b, state_b, _, _) = run_a, run_b
     terms = [k for k in outs_a[0] if k != 'nonfinite_skipped' and not torch.isnan(torch.tensor(float(outs_a[0][k])))]
     assert 'supervised' in terms and len(terms) >= 3, terms                    # supervised, loss, and a term
     for a, b in zip(outs_a, outs_b):
@@ -138,13 +163,11 @@ def assert_same_steps(run_a, run_b):
         for key in terms:
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), key
     assert state_a.keys() == state_b.keys()
-    for key, one in state_a.items():
-        # momentum buffers hold the (clipped) gradients: 1e-4 of each tensor's largest entry, float32 sums in
-        # another order, and 1e-6 absolute for a head whose gradient is a cancellation near 0 (its largest entry
-        # 2e-7 on CI's clean clone, apart by 1.1e-7); weights, teacher and banks: after two SGD steps of lr 1e-2
-        # those gradients' rounding moves a weight by up to 1e-5 of the tensor's largest entry (2.1e-6 on a first
-        # conv of largest entry 0.6, AMD EPYC kernels); a step that differs by a draw moves it by lr x a gradient
-        scale = 1e-4 if 'momentum' in key else 1e-5
-        tolerance = scale * float(one.float().abs().max()) + 1e-6
-        assert float((state_b[key].float() - one.float()).abs().max()) <= tolerance, key
+    # Not per entry: the student's rounding differs between the two ways, and a sample chosen on the student's
+    # features that flips on it moves single gradients by 1e-3 of their tensor's largest entry (CI, 2026-12-07: 1.7e-4
+    # on a first conv's momentum of largest entry 0.2, against 1e-4 of it). Over a whole group the two ways were 4e-6
+    # of the steps' change apart or less on an Intel Xeon; two steps that differ by a draw (other seeds) are 0.2-1.0
+    # of it apart, ten times the tolerance or more (test_pass_rows.py checks that margin).
+    for group, difference in step_differences(run_a, run_b).items():
+        assert difference <= SAME_STEP_TOLERANCE, (group, difference)
     return terms

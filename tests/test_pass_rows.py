@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from conftest import assert_same_steps, make_trainer, steps_each_way
+from conftest import SAME_STEP_TOLERANCE, assert_same_steps, load_training_snapshot, make_trainer, step_differences, \
+    steps_each_way, training_snapshot
 from nnunet_semiseg.training.base import stop_loaders
 
 
@@ -65,6 +66,20 @@ def test_passes_of_fewer_rows_give_the_one_pass_step(phantom, name, phase):
     one, split = steps_each_way(trainer, batch, [('rows_per_pass', None), ('rows_per_pass', 3)])
     assert max(one[2]) == 8 and max(split[2]) == 3 and sum(split[2]) == sum(one[2])
     assert_same_steps(one, split)
+
+
+def test_a_step_of_another_draw_is_ten_tolerances_away(phantom):
+    # what the comparison of two ways must tell apart: the same fine-tuning step under other seeds (other strong
+    # views, samples and negatives) moves every group that the draw reaches by ten times the tolerance or more
+    trainer, batch = _trainer_at(phantom, 'nnUNetTrainerMONA', 'finetune')
+    start = training_snapshot(trainer)
+    one, = steps_each_way(trainer, batch, [('rows_per_pass', None)])
+    load_training_snapshot(trainer, start)
+    other, = steps_each_way(trainer, batch, [('rows_per_pass', None)], seeds=(10, 11))
+    differences = step_differences(one, other)
+    assert differences['teacher'] == 0                                       # frozen: the same both ways
+    for group in ('network', 'modules', 'optimizer'):
+        assert differences[group] > 10 * SAME_STEP_TOLERANCE, differences
 
 
 def test_mean_teachers_unlabelled_second_pass_gives_the_one_forward_step(phantom):

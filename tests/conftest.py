@@ -163,6 +163,9 @@ def assert_same_steps(run_a, run_b):
         for key in terms:
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), key
     assert state_a.keys() == state_b.keys()
+    for key, one in state_a.items():       # counters and bank pointers: exact
+        if not one.is_floating_point():
+            assert torch.equal(one, state_b[key]), key
     # Not per entry: the student's rounding differs between the two ways, and a sample chosen on the student's
     # features that flips on it moves single gradients by 1e-3 of their tensor's largest entry (CI, 2026-12-07: 1.7e-4
     # on a first conv's momentum of largest entry 0.2, against 1e-4 of it). Over a whole group the two ways were 4e-6

@@ -126,7 +126,6 @@ def steps_each_way(trainer, batch, setups, seeds=(0, 1)):
     return runs
 
 
-STATE_GROUPS = ('network', 'teacher', 'modules', 'optimizer')
 SAME_STEP_TOLERANCE = 2e-2      # of a group's change in two steps; see assert_same_steps
 
 
@@ -137,7 +136,7 @@ def step_differences(run_a, run_b):
     import torch
     (_, state_a, _, before), (_, state_b, _, _) = run_a, run_b
     differences = {}
-    for group in STATE_GROUPS:
+    for group in dict.fromkeys(k.split('.')[0] for k in state_a):          # trainer_state's prefixes, in order
         keys = [k for k in state_a if k.split('.')[0] == group and state_a[k].is_floating_point()]
         if not keys:
             continue

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from conftest import REPO_ROOT
 from nnunet_semiseg.benchmark import runner
 from nnunet_semiseg.benchmark.report import aggregate, markdown
 
@@ -342,3 +343,32 @@ def test_benchmark_end_to_end_and_resume(phantom, tmp_path, monkeypatch):
     assert record['sessions'] == 2 and record['steps_per_phase'] == data['runs'][1]['steps_per_phase']
     assert record['metrics']['mean']['dice'] == data['runs'][1]['metrics']['mean']['dice']  # same weights
     assert record['machines'] == data['runs'][1]['machines']  # continued on the same machine: still one
+
+
+def test_a_trainer_whose_terms_are_off_trains_plains_weights(phantom, tmp_path, monkeypatch):
+    # A benchmark pairs each trainer with plain nnU-Net at the same seed: the same initial weights and the same
+    # labelled batches (seeded augmentation workers per loader; the unlabelled stream has workers of its own), and
+    # network passes of plain's rows. So Mean Teacher with its weight at 0 takes plain's steps to the bit, and a
+    # paired difference is the method's change, amplified by the run (docs/tuning.md, runs 55 and 77-79).
+    import torch
+    monkeypatch.setenv('nnUNet_n_proc_DA', '2')  # the default on the 2-core machines of docs/tuning.md
+    monkeypatch.setenv('nnUNet_extTrainer', os.pathsep.join(
+        [os.environ.get('nnUNet_extTrainer', ''), os.path.join(REPO_ROOT, 'benchmarks', 'tuning_trainers')]))
+    out = tmp_path / 'bench'
+    trainers = ['nnUNetTrainerMeanTeacher_w0', 'nnUNetTrainerMeanTeacher']   # the second: its term on, the control
+    data = runner.run_benchmark(phantom['id'], '2d', trainers, str(out), seeds=[0], epochs=1, iterations=3,
+                                val_iterations=1, preset='cpu', device='cpu', echo=lambda line: None)
+    assert data['failed'] == []
+    weights = {}
+    for trainer in ['nnUNetTrainer'] + trainers:
+        checkpoint = out / f'{trainer}__seed0' / phantom['name'] / f'{trainer}__nnUNetPlans_cpu__2d' / 'fold_0' / \
+            'checkpoint_final.pth'
+        weights[trainer] = torch.load(checkpoint, map_location='cpu', weights_only=False)['network_weights']
+    plain, off, on = (weights[t] for t in ['nnUNetTrainer'] + trainers)
+    assert plain.keys() == off.keys() == on.keys()
+    assert [k for k in plain if not torch.equal(plain[k], off[k])] == []
+    # the term at 0.1 moves the weights, by far less than a step (its gradient is ~1e-4 of the supervised one)
+    apart = max(float((plain[k].float() - on[k].float()).abs().max()) for k in plain)
+    assert 0 < apart < 1e-2
+    dice = {r['trainer']: r['metrics']['mean']['dice'] for r in data['runs']}
+    assert dice['nnUNetTrainer'] == dice['nnUNetTrainerMeanTeacher_w0']

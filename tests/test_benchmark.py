@@ -1,6 +1,7 @@
 """``nnunet-semiseg benchmark``: the aggregation on hand-built records, the CPU preset's plans, refusals before any
 compute, and one tiny end-to-end benchmark on the phantom (plain nnU-Net + Mean Teacher, 1 x 2 iterations) that is
-then resumed: a second call trains nothing, a run interrupted after its last checkpoint continues from it."""
+then resumed: a second call trains nothing, a run interrupted after its last checkpoint continues from it; and a
+second that pairs plain with Mean Teacher at weight 0 (plain's weights to the bit) and at 0.1."""
 import json
 import math
 import os
@@ -349,7 +350,7 @@ def test_a_trainer_whose_terms_are_off_trains_plains_weights(phantom, tmp_path, 
     # A benchmark pairs each trainer with plain nnU-Net at the same seed: the same initial weights and the same
     # labelled batches (seeded augmentation workers per loader; the unlabelled stream has workers of its own), and
     # network passes of plain's rows. So Mean Teacher with its weight at 0 takes plain's steps to the bit, and a
-    # paired difference is the method's change, amplified by the run (docs/tuning.md, runs 55 and 77-79).
+    # paired difference is the method's change, amplified by the run (docs/tuning.md run 55; the jitter variants).
     import torch
     monkeypatch.setenv('nnUNet_n_proc_DA', '2')  # the default on the 2-core machines of docs/tuning.md
     monkeypatch.setenv('nnUNet_extTrainer', os.pathsep.join(

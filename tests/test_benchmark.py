@@ -350,7 +350,7 @@ def test_a_trainer_whose_terms_are_off_trains_plains_weights(phantom, tmp_path, 
     # A benchmark pairs each trainer with plain nnU-Net at the same seed: the same initial weights and the same
     # labelled batches (seeded augmentation workers per loader; the unlabelled stream has workers of its own), and
     # network passes of plain's rows. So Mean Teacher with its weight at 0 takes plain's steps to the bit, and a
-    # paired difference is the method's change, amplified by the run (docs/tuning.md run 55; the jitter variants).
+    # paired difference is the method's change, amplified by the run (docs/tuning.md runs 55 and 78).
     import torch
     monkeypatch.setenv('nnUNet_n_proc_DA', '2')  # the default on the 2-core machines of docs/tuning.md
     monkeypatch.setenv('nnUNet_extTrainer', os.pathsep.join(

@@ -1,7 +1,8 @@
 """``nnunet-semiseg benchmark``: the aggregation on hand-built records, the CPU preset's plans, refusals before any
 compute, and one tiny end-to-end benchmark on the phantom (plain nnU-Net + Mean Teacher, 1 x 2 iterations) that is
 then resumed: a second call trains nothing, a run interrupted after its last checkpoint continues from it; and a
-second that pairs plain with Mean Teacher at weight 0 (plain's weights to the bit) and at 0.1."""
+second that pairs plain with Mean Teacher at weight 0 (plain's weights to the bit), at 0.1 and with a no-teach
+control (--controls)."""
 import json
 import math
 import os
@@ -100,6 +101,63 @@ def test_pairs_trained_on_different_machines_are_flagged():
     assert '| nnUNetTrainerMONA | 0 | +0.050 |' in paired and '| nnUNetTrainerMONA | 1 ‡ | +0.010 |' in paired
     assert '‡ this trainer and nnUNetTrainer trained this seed on different machines' in md
     assert '‡' not in markdown(SETTINGS, RECORDS)  # records without machines: no flag, no footnote
+
+
+def test_no_teach_controls_are_the_yardstick_of_every_paired_difference():
+    # plain, two controls (plain with jittered initial weights) and a trainer, seeds 0 and 1
+    records = [record('nnUNetTrainer', 0, 0.60, 5.0, 100.0, 1000.0, {'LV': 0.6}, semi=False, unlabeled=None),
+               record('nnUNetTrainer', 1, 0.62, 5.0, 100.0, 1000.0, {'LV': 0.62}, semi=False, unlabeled=None),
+               record('nnUNetTrainer_jitter1', 0, 0.64, 5.0, 100.0, 1000.0, {'LV': 0.64}, semi=False, unlabeled=None),
+               record('nnUNetTrainer_jitter1', 1, 0.60, 5.0, 100.0, 1000.0, {'LV': 0.60}, semi=False, unlabeled=None),
+               record('nnUNetTrainer_jitter2', 0, 0.63, 5.0, 100.0, 1000.0, {'LV': 0.63}, semi=False, unlabeled=None),
+               record('nnUNetTrainer_jitter2', 1, 0.62, 5.0, 100.0, 1000.0, {'LV': 0.62}, semi=False, unlabeled=None),
+               record('nnUNetTrainerX', 0, 0.70, 4.0, 300.0, 1500.0, {'LV': 0.70}),
+               record('nnUNetTrainerX', 1, 0.68, 4.0, 300.0, 1500.0, {'LV': 0.68})]
+    summary = aggregate(records)
+    floor = summary['no_teach']
+    # the controls' differences +0.04, -0.02, +0.03, 0.00 scatter about zero: their root mean square, not their SD
+    assert floor['n'] == 4 and floor['rms'] == pytest.approx(math.sqrt(7.25e-4))
+    x = summary['trainers']['nnUNetTrainerX']['paired']['mean']['dice']
+    assert x['no_teach_se'] == pytest.approx(0.08 / (math.sqrt(7.25e-4) / math.sqrt(2)))  # 4.20
+    assert 'no_teach_se' not in summary['trainers']['nnUNetTrainer_jitter1']['paired']['mean']['dice']
+    md = markdown(SETTINGS, records, summary)
+    accuracy = md.split('## Accuracy')[1].split('##')[0]
+    assert '| Δ Dice / no-teach SE |' in accuracy
+    assert [line.rsplit('|', 2)[1].strip() for line in accuracy.splitlines() if line.startswith('| nnUNet')] == \
+        ['–', '–', '–', '+4.2']
+    section = md.split('## How far nothing moves a run')[1].split('##')[0]
+    assert '+0.040 (_jitter1, seed 0)' in section and 'root mean square **0.027** over 4 pairs' in section
+    assert 'yardstick is itself rough' in section
+    # without controls: no yardstick, no column, no section
+    assert aggregate(RECORDS)['no_teach'] is None
+    assert 'no-teach' not in markdown(SETTINGS, RECORDS)
+
+
+def test_a_control_jitters_each_weight_by_its_own_rounding_sized_factor():
+    import torch
+    from nnunet_semiseg.training.controls import jitter_
+
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3), torch.nn.InstanceNorm2d(8, affine=True))
+        with torch.no_grad():
+            m[0].bias[:2] = 0
+        return m
+
+    plain, a, b, c = model(), model(), model(), model()
+    jitter_(a, 1e-6, torch.Generator().manual_seed(1))
+    jitter_(b, 1e-6, torch.Generator().manual_seed(1))
+    jitter_(c, 1e-6, torch.Generator().manual_seed(2))
+    for p0, pa, pb, pc in zip(plain.parameters(), a.parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb)                                 # one generator seed, one perturbation
+        nonzero = p0 != 0
+        assert torch.equal(pa[~nonzero], p0[~nonzero])             # a relative jitter leaves zeros (norm biases) at 0
+        if not nonzero.any():
+            continue
+        assert not torch.equal(pa, pc)                             # another seed, another draw
+        relative = (pa - p0)[nonzero] / p0[nonzero]
+        assert 0 < float(relative.abs().max()) < 7e-6             # |N(0, 1)| < 7 at these sizes
+        assert float(relative.std()) == pytest.approx(1e-6, rel=0.5)
 
 
 def test_machine_fingerprint_is_stable_and_json():
@@ -261,6 +319,8 @@ def test_bad_input_is_refused_before_any_compute(phantom, tmp_path, monkeypatch)
         runner.run_benchmark(phantom['id'], '2d', ['nnUNetTrainerMeanTeacher'], str(out), plans='nnUNetPlans_nope')
     with pytest.raises(runner.BenchmarkInputError, match="dataset '977'.*nnUNetv2_plan_and_preprocess -d 977"):
         runner.run_benchmark(977, '2d', ['nnUNetTrainerMeanTeacher'], str(out))
+    with pytest.raises(runner.BenchmarkInputError, match=r"--controls 4: at most 3 .*more --seeds"):
+        runner.run_benchmark(phantom['id'], '2d', ['nnUNetTrainerMeanTeacher'], str(out), controls=4)
     assert not out.exists()
 
 
@@ -356,12 +416,12 @@ def test_a_trainer_whose_terms_are_off_trains_plains_weights(phantom, tmp_path, 
     monkeypatch.setenv('nnUNet_extTrainer', os.pathsep.join(
         [os.environ.get('nnUNet_extTrainer', ''), os.path.join(REPO_ROOT, 'benchmarks', 'tuning_trainers')]))
     out = tmp_path / 'bench'
-    trainers = ['nnUNetTrainerMeanTeacher_w0', 'nnUNetTrainerMeanTeacher']   # the second: its term on, the control
+    trainers = ['nnUNetTrainerMeanTeacher_w0', 'nnUNetTrainerMeanTeacher']   # the second: its term on
     data = runner.run_benchmark(phantom['id'], '2d', trainers, str(out), seeds=[0], epochs=1, iterations=3,
-                                val_iterations=1, preset='cpu', device='cpu', echo=lambda line: None)
+                                val_iterations=1, preset='cpu', device='cpu', controls=1, echo=lambda line: None)
     assert data['failed'] == []
     weights = {}
-    for trainer in ['nnUNetTrainer'] + trainers:
+    for trainer in ['nnUNetTrainer'] + trainers + ['nnUNetTrainer_jitter1']:
         checkpoint = out / f'{trainer}__seed0' / phantom['name'] / f'{trainer}__nnUNetPlans_cpu__2d' / 'fold_0' / \
             'checkpoint_final.pth'
         weights[trainer] = torch.load(checkpoint, map_location='cpu', weights_only=False)['network_weights']
@@ -371,5 +431,10 @@ def test_a_trainer_whose_terms_are_off_trains_plains_weights(phantom, tmp_path, 
     # the term at 0.1 moves the weights, by far less than a step (its gradient is ~1e-4 of the supervised one)
     apart = max(float((plain[k].float() - on[k].float()).abs().max()) for k in plain)
     assert 0 < apart < 1e-2
+    # so does the no-teach control (--controls 1), whose initial weights were 1e-6 apart: the yardstick's row
+    control = weights['nnUNetTrainer_jitter1']
+    assert 0 < max(float((plain[k].float() - control[k].float()).abs().max()) for k in plain) < 1e-2
     dice = {r['trainer']: r['metrics']['mean']['dice'] for r in data['runs']}
     assert dice['nnUNetTrainer'] == dice['nnUNetTrainerMeanTeacher_w0']
+    assert data['summary']['no_teach']['n'] == 1
+    assert '## How far nothing moves a run' in (out / 'benchmark.md').read_text()

@@ -37,7 +37,8 @@ def test_folder_holds_only_trainer_modules_with_distinct_names():
 
 
 @pytest.mark.parametrize('name', ['nnUNetTrainerMeanTeacher', 'nnUNetTrainerMONA', 'nnUNetTrainerARCO_SG',
-                                  'nnUNetTrainerARCO_SAG', 'nnUNetTrainerACTION', 'nnUNetTrainerACTIONpp'])
+                                  'nnUNetTrainerARCO_SAG', 'nnUNetTrainerACTION', 'nnUNetTrainerACTIONpp',
+                                  'nnUNetTrainer_jitter1', 'nnUNetTrainer_jitter3'])
 def test_nnunets_lookup_finds_the_library_class(name):
     """nnU-Net's own lookup returns the installed package's class itself: importable, picklable, subclassable."""
     import importlib

@@ -5,3 +5,5 @@ from nnunet_semiseg.training.action import nnUNetTrainerACTION, nnUNetTrainerACT
 from nnunet_semiseg.training.mean_teacher import nnUNetTrainerMeanTeacher  # noqa: F401
 from nnunet_semiseg.training.mona_arco import (nnUNetTrainerARCO_SAG, nnUNetTrainerARCO_SG,  # noqa: F401
                                                nnUNetTrainerMONA)
+from nnunet_semiseg.training.controls import (nnUNetTrainer_jitter1, nnUNetTrainer_jitter2,  # noqa: F401
+                                              nnUNetTrainer_jitter3)

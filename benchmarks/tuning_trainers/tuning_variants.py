@@ -2,8 +2,6 @@
 init arguments by name, so each variant spells out nnU-Net's signature."""
 import torch
 
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
 from nnunet_semiseg.training.action import nnUNetTrainerACTION, nnUNetTrainerACTIONpp
 from nnunet_semiseg.training.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_semiseg.training.mona_arco import nnUNetTrainerARCO_SAG, nnUNetTrainerMONA
@@ -211,40 +209,3 @@ class nnUNetTrainerMONA_noEqv(nnUNetTrainerMONA):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.lambda_equivariance = 0.0
-
-
-class nnUNetTrainer_jitter1(nnUNetTrainer):
-    """Plain nnU-Net whose initial weights are each scaled by ``1 + relative_jitter * N(0, 1)`` (1e-6, drawn from a
-    generator of its own, so the data stream and every other draw stay plain's at the same seed): a perturbation with
-    no direction. Its Dice against plain's at the same seed is how far a run moves under a change that teaches
-    nothing, the yardstick for a trainer whose term is that small (Mean Teacher at weight 0.1, docs/tuning.md).
-    ``_jitter2`` / ``_jitter3`` draw other perturbations."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.jitter_seed = 1
-        self.relative_jitter = 1e-6
-
-    def initialize(self):
-        fresh = not self.was_initialized
-        super().initialize()
-        if fresh:  # a continued run loads its checkpoint over these weights afterwards
-            generator = torch.Generator().manual_seed(self.jitter_seed)
-            with torch.no_grad():
-                for p in self.network.parameters():
-                    p.mul_(1 + self.relative_jitter * torch.randn(p.shape, generator=generator).to(p.device))
-
-
-class nnUNetTrainer_jitter2(nnUNetTrainer_jitter1):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.jitter_seed = 2
-
-
-class nnUNetTrainer_jitter3(nnUNetTrainer_jitter1):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.jitter_seed = 3

@@ -24,7 +24,8 @@ def _cli(args: argparse.Namespace) -> int:
     try:
         data = run_benchmark(args.dataset, args.configuration, args.trainers, args.out, seeds=args.seeds,
                              epochs=args.epochs, iterations=args.iterations, preset=args.preset, plans=args.plans,
-                             device=args.device, fold=args.fold, val_iterations=args.val_iterations, echo=echo)
+                             device=args.device, fold=args.fold, val_iterations=args.val_iterations,
+                             controls=args.controls, echo=echo)
     except InputDataError as error:
         print(f'nnunet-semiseg benchmark: error: {error}', file=sys.stderr)
         return 1
@@ -75,4 +76,9 @@ def add_parser(subparsers) -> None:
     p.add_argument('-f', '--fold', type=int, default=0, help='fold (default 0): its training cases train, its '
                                                              'validation cases are evaluated when there is no '
                                                              'labelled test set')
+    p.add_argument('--controls', type=int, default=0, metavar='N',
+                   help='also train N (1-3) no-teach controls per seed, nnUNetTrainer_jitter1 to _jitterN: plain '
+                        'nnU-Net with its initial weights scaled by 1 + 1e-6 N(0, 1), which teaches nothing. Their '
+                        'differences to plain measure how far nothing moves a run, and the table gives each '
+                        'trainer\'s paired Δ Dice in standard errors of that spread (default 0)')
     p.set_defaults(func=_cli)

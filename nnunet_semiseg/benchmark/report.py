@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 BASELINE = 'nnUNetTrainer'
+# No-teach controls (nnunet_semiseg.training.controls): plain nnU-Net with jittered initial weights
+CONTROL_PREFIX = 'nnUNetTrainer_jitter'
 METRICS = ('dice', 'jaccard', 'hd95', 'asd')
 METRIC_TITLES = {'dice': 'Dice', 'jaccard': 'Jaccard', 'hd95': 'HD95 (mm)', 'asd': 'ASD (mm)'}
 
@@ -52,6 +54,21 @@ def machines_differ(a: dict, b: dict) -> bool:
         return False
     key = lambda ms: sorted(json.dumps(m, sort_keys=True) for m in ms)
     return key(ma) != key(mb)
+
+
+def is_control(trainer: str) -> bool:
+    return trainer.startswith(CONTROL_PREFIX)
+
+
+def no_teach_spread(trainers: Dict[str, dict]) -> Optional[dict]:
+    """How far the no-teach controls moved from plain: their paired Dice differences (control, seed, Δ) and the
+    root mean square of those, ``rms``. A control teaches nothing, so its differences scatter about zero and the
+    RMS (not the SD about their own mean) is the spread of a single pair; ``None`` without a paired control."""
+    pairs = [(t, s, d) for t, e in trainers.items() if is_control(t) and e['paired']
+             for s, d in e['paired']['mean']['dice']['per_seed'].items() if math.isfinite(d)]
+    if not pairs:
+        return None
+    return {'pairs': pairs, 'n': len(pairs), 'rms': float(np.sqrt(np.mean([d ** 2 for _, _, d in pairs])))}
 
 
 def aggregate(records: List[dict], baseline: str = BASELINE) -> dict:
@@ -99,6 +116,12 @@ def aggregate(records: List[dict], baseline: str = BASELINE) -> dict:
         entry['paired'] = paired
         entry['cost'] = cost
         result['trainers'][name] = entry
+    # Each trainer's mean paired Δ Dice in standard errors of the no-teach spread over its seeds: rms / sqrt(n)
+    result['no_teach'] = floor = no_teach_spread(result['trainers'])
+    for name, entry in result['trainers'].items():
+        dice = entry['paired'] and entry['paired']['mean']['dice']
+        if dice and floor and floor['rms'] > 0 and not is_control(name):
+            dice['no_teach_se'] = dice['mean'] / (floor['rms'] / math.sqrt(dice['n']))
     return result
 
 
@@ -159,15 +182,28 @@ def markdown(settings: dict, records: List[dict], summary: Optional[dict] = None
     def label(t):
         return t + (' †' if t in marked else '')
 
+    floor = summary.get('no_teach')
     lines += ['## Accuracy (class mean)', '',
               '| trainer | seeds | ' + ' | '.join(METRIC_TITLES[m] for m in METRICS) +
-              f' | Δ Dice vs {baseline} | Δ HD95 vs {baseline} |',
-              '|---|---|' + '---|' * (len(METRICS) + 2)]
+              f' | Δ Dice vs {baseline} | Δ HD95 vs {baseline} |' + (' Δ Dice / no-teach SE |' if floor else ''),
+              '|---|---|' + '---|' * (len(METRICS) + 2 + bool(floor))]
     for t, e in trainers.items():
         p = e['paired']
+        se = _signed(p['mean']['dice'].get('no_teach_se', float('nan')), 1) if p else '–'
         lines.append(f'| {label(t)} | {len(e["seeds"])} | ' +
                      ' | '.join(_mean_sd(e['mean'][m], _digits(m)) for m in METRICS) +
-                     f' | {_delta(p and p["mean"]["dice"], 3)} | {_delta(p and p["mean"]["hd95"], 2)} |')
+                     f' | {_delta(p and p["mean"]["dice"], 3)} | {_delta(p and p["mean"]["hd95"], 2)} |' +
+                     (f' {se} |' if floor else ''))
+    if floor:
+        lines += ['', '## How far nothing moves a run', '',
+                  f'The no-teach controls ({CONTROL_PREFIX}K) are plain {baseline} with its initial weights scaled by '
+                  f'1 + 1e-6 N(0, 1): the same data and seeds, nothing taught. Their Δ Dice to {baseline}: ' +
+                  ', '.join(f'{_signed(d, 3)} ({short_name(t, baseline)}, seed {s})' for t, s, d in floor['pairs']) +
+                  f'; root mean square **{_num(floor["rms"], 3)}** over {floor["n"]} pair'
+                  f'{"s" if floor["n"] != 1 else ""}. A mean Δ over n seeds carries a standard error of about '
+                  f'{_num(floor["rms"], 3)} / √n from this alone, and "Δ Dice / no-teach SE" is the mean Δ in those '
+                  f'units: within ±2 it is not told apart from a change that teaches nothing' +
+                  (' (with under 5 control pairs the yardstick is itself rough).' if floor['n'] < 5 else '.')]
     lines += ['', '## Dice per class', '', '| trainer | ' + ' | '.join(classes) + ' |',
               '|---|' + '---|' * len(classes)]
     for t, e in trainers.items():

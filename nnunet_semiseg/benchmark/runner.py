@@ -9,9 +9,10 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from nnunet_semiseg.benchmark.report import BASELINE, aggregate, markdown, plot
+from nnunet_semiseg.benchmark.report import BASELINE, CONTROL_PREFIX, aggregate, markdown, plot
 from nnunet_semiseg.conversion.common import InputDataError
 
+MAX_CONTROLS = 3  # nnunet_semiseg.training.controls defines _jitter1 to _jitter3
 PRESETS = {'cpu': {'epochs': 4, 'iterations': 250}, 'full': {'epochs': 1000, 'iterations': 250}}
 CPU_FEATURE_CAP = (16, 32, 64, 128, 256, 256)
 CPU_BATCH = {'2d': 4, '3d': 2}
@@ -321,10 +322,11 @@ def _estimate(trainer: str, records: List[dict], baseline: str, semi_supervised:
 def run_benchmark(dataset: str, configuration: str, trainers: Sequence[str], out: str, seeds: Sequence[int] = (0,),
                   epochs: Optional[int] = None, iterations: Optional[int] = None, preset: Optional[str] = None,
                   plans: str = 'nnUNetPlans', device: Optional[str] = None, fold: int = 0,
-                  val_iterations: Optional[int] = None, echo=print) -> dict:
+                  val_iterations: Optional[int] = None, controls: int = 0, echo=print) -> dict:
     """Train plain nnU-Net and ``trainers`` on ``dataset`` for every seed, predict, evaluate, and write
-    ``OUT/benchmark.{json,md,png}``. Finished runs are skipped; interrupted ones continue. Returns benchmark.json's
-    content. Raises :class:`BenchmarkInputError` before any compute for bad input."""
+    ``OUT/benchmark.{json,md,png}``. ``controls`` (0-3) adds the no-teach controls ``nnUNetTrainer_jitter1`` to
+    ``_jitter<controls>`` to the trainers. Finished runs are skipped; interrupted ones continue. Returns
+    benchmark.json's content. Raises :class:`BenchmarkInputError` before any compute for bad input."""
     import torch
     out = os.path.abspath(out)
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
@@ -337,11 +339,14 @@ def run_benchmark(dataset: str, configuration: str, trainers: Sequence[str], out
     iterations = PRESETS[preset]['iterations'] if iterations is None else int(iterations)
     val_iterations = NNUNET_VAL_ITERATIONS if val_iterations is None else int(val_iterations)
     for flag, value, low in (('--epochs', epochs, 1), ('--iterations', iterations, 1),
-                             ('--val-iterations', val_iterations, 0), ('-f', fold, 0)):
+                             ('--val-iterations', val_iterations, 0), ('-f', fold, 0), ('--controls', controls, 0)):
         if value < low:
             raise BenchmarkInputError(f'{flag} {value}: must be at least {low}')
+    if controls > MAX_CONTROLS:
+        raise BenchmarkInputError(f'--controls {controls}: at most {MAX_CONTROLS} (nnUNetTrainer_jitter1 to '
+                                  f'_jitter{MAX_CONTROLS}); more pairs of the no-teach spread come from more --seeds')
     seeds = sorted(set(int(s) for s in seeds))
-    names = list(dict.fromkeys([BASELINE] + list(trainers)))
+    names = list(dict.fromkeys([BASELINE] + list(trainers) + [f'{CONTROL_PREFIX}{k}' for k in range(1, controls + 1)]))
 
     classes = check_trainers(names)
     name, raw, pre = _dataset_folders(str(dataset))

@@ -128,6 +128,12 @@ def test_no_teach_controls_are_the_yardstick_of_every_paired_difference():
     section = md.split('## How far nothing moves a run')[1].split('##')[0]
     assert '+0.040 (_jitter1, seed 0)' in section and 'root mean square **0.027** over 4 pairs' in section
     assert 'yardstick is itself rough' in section
+    # with under 3 control pairs the pairs are listed, but used as no yardstick
+    few = aggregate(records[:4] + records[6:])   # plain, _jitter1 and X: 2 pairs
+    assert few['no_teach']['n'] == 2
+    assert 'no_teach_se' not in few['trainers']['nnUNetTrainerX']['paired']['mean']['dice']
+    md = markdown(SETTINGS, records[:4] + records[6:], few)
+    assert 'no-teach SE' not in md and 'Under 3 pairs this is no yardstick yet' in md
     # without controls: no yardstick, no column, no section
     assert aggregate(RECORDS)['no_teach'] is None
     assert 'no-teach' not in markdown(SETTINGS, RECORDS)

@@ -80,5 +80,6 @@ def add_parser(subparsers) -> None:
                    help='also train N (1-3) no-teach controls per seed, nnUNetTrainer_jitter1 to _jitterN: plain '
                         'nnU-Net with its initial weights scaled by 1 + 1e-6 N(0, 1), which teaches nothing. Their '
                         'differences to plain measure how far nothing moves a run, and the table gives each '
-                        'trainer\'s paired Δ Dice in standard errors of that spread (default 0)')
+                        'trainer\'s paired Δ Dice in standard errors of that spread, given 3 or more control pairs (N x '
+                        'seeds; default 0)')
     p.set_defaults(func=_cli)

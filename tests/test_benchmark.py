@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from nnunet_semiseg.benchmark import runner
-from nnunet_semiseg.benchmark.report import aggregate, markdown
+from nnunet_semiseg.benchmark.report import aggregate, markdown, seeds_to_resolve
 
 SETTINGS = {'dataset': 'Dataset999_X', 'configuration': '2d', 'plans': 'nnUNetPlans_cpu', 'preset': 'cpu', 'fold': 0,
             'epochs': 4, 'iterations_per_epoch': 250, 'device': 'cpu', 'baseline': 'nnUNetTrainer',
@@ -128,6 +128,11 @@ def test_no_teach_controls_are_the_yardstick_of_every_paired_difference():
     section = md.split('## How far nothing moves a run')[1].split('##')[0]
     assert '+0.040 (_jitter1, seed 0)' in section and 'root mean square **0.027** over 4 pairs' in section
     assert 'yardstick is itself rough' in section
+    # seeds a difference needs to stand out: (2 rms / d)^2 = 4 x 7.25e-4 / d^2 = 29.0, 7.25, 1.16 -> 29, 8, 2
+    assert 'after about 29 / 8 / 2 seeds' in section
+    assert [seeds_to_resolve(0.02, d) for d in (0.01, -0.02, 0.04, 0.1)] == [16, 4, 1, 1]
+    with pytest.raises(ValueError):
+        seeds_to_resolve(0.02, 0.0)
     # with under 3 control pairs the pairs are listed, but used as no yardstick
     few = aggregate(records[:4] + records[6:])   # plain, _jitter1 and X: 2 pairs
     assert few['no_teach']['n'] == 2

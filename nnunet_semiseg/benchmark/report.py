@@ -73,6 +73,14 @@ def no_teach_spread(trainers: Dict[str, dict]) -> Optional[dict]:
     return {'pairs': pairs, 'n': len(pairs), 'rms': float(np.sqrt(np.mean([d ** 2 for _, _, d in pairs])))}
 
 
+def seeds_to_resolve(rms: float, difference: float) -> int:
+    """Seeds (paired runs) after which a mean Δ Dice of ``difference`` lies 2 no-teach standard errors from zero:
+    the smallest n with ``|difference| >= 2 rms / sqrt(n)``, i.e. ``ceil((2 rms / difference)^2)``, at least 1."""
+    if difference == 0:
+        raise ValueError('a difference of 0 is never resolved')
+    return max(1, math.ceil((2 * rms / abs(difference)) ** 2 - 1e-9))
+
+
 def aggregate(records: List[dict], baseline: str = BASELINE) -> dict:
     """Per trainer: the spread over seeds of every metric (class mean and per class), the paired difference to
     ``baseline`` seed by seed (trainer minus baseline, over the seeds both have), and the cost (training time,
@@ -207,7 +215,9 @@ def markdown(settings: dict, records: List[dict], summary: Optional[dict] = None
                   (f'A mean Δ over n seeds carries a standard error of about {_num(floor["rms"], 3)} / √n from this '
                    f'alone, and "Δ Dice / no-teach SE" is the mean Δ in those units: within ±2 it is not told apart '
                    f'from a change that teaches nothing' +
-                   (' (with under 5 control pairs the yardstick is itself rough).' if floor['n'] < 5 else '.')
+                   (' (with under 5 control pairs the yardstick is itself rough).' if floor['n'] < 5 else '.') +
+                   ' A true difference of 0.01 / 0.02 / 0.05 Dice reaches 2 standard errors after about ' +
+                   ' / '.join(str(seeds_to_resolve(floor['rms'], d)) for d in (0.01, 0.02, 0.05)) + ' seeds.'
                    if yardstick else
                    f'Under {MIN_CONTROL_PAIRS} pairs this is no yardstick yet (one control pair may move a run by '
                    f'nothing or by several Dice): add seeds or controls.')]

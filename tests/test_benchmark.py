@@ -123,8 +123,16 @@ def test_no_teach_controls_are_the_yardstick_of_every_paired_difference():
     md = markdown(SETTINGS, records, summary)
     accuracy = md.split('## Accuracy')[1].split('##')[0]
     assert '| Δ Dice / no-teach SE |' in accuracy
-    assert [line.rsplit('|', 2)[1].strip() for line in accuracy.splitlines() if line.startswith('| nnUNet')] == \
+    assert [line.rsplit('|', 3)[1].strip() for line in accuracy.splitlines() if line.startswith('| nnUNet')] == \
         ['–', '–', '–', '+4.2']
+    # against the mean of plain's draws at each seed (plain and both controls): 0.70 - 0.6233, 0.68 - 0.6133
+    draws = x['vs_draws']
+    assert draws['per_seed'] == pytest.approx({0: 0.70 - 1.87 / 3, 1: 0.68 - 1.84 / 3})
+    assert draws['draws'] == {0: 3, 1: 3} and draws['mean'] == pytest.approx(0.071667, abs=1e-6)
+    assert "| Δ Dice vs nnUNetTrainer's draws |" in accuracy
+    assert [line.rsplit('|', 2)[1].strip() for line in accuracy.splitlines() if line.startswith('| nnUNet')] == \
+        ['–', '–', '–', '+0.072 ± 0.007']
+    assert 'vs_draws' not in summary['trainers']['nnUNetTrainer_jitter1']['paired']['mean']['dice']
     section = md.split('## How far nothing moves a run')[1].split('##')[0]
     assert '+0.040 (_jitter1, seed 0)' in section and 'root mean square **0.027** over 4 pairs' in section
     assert 'yardstick is itself rough' in section
@@ -139,6 +147,8 @@ def test_no_teach_controls_are_the_yardstick_of_every_paired_difference():
     assert 'no_teach_se' not in few['trainers']['nnUNetTrainerX']['paired']['mean']['dice']
     md = markdown(SETTINGS, records[:4] + records[6:], few)
     assert 'no-teach SE' not in md and 'Under 3 pairs this is no yardstick yet' in md
+    # one control is already a second draw of plain at its seeds: (0.70 - 0.62) and (0.68 - 0.61)
+    assert few['trainers']['nnUNetTrainerX']['paired']['mean']['dice']['vs_draws']['mean'] == pytest.approx(0.075)
     # without controls: no yardstick, no column, no section
     assert aggregate(RECORDS)['no_teach'] is None
     assert 'no-teach' not in markdown(SETTINGS, RECORDS)

@@ -17,7 +17,7 @@ another (floating-point paths differ), so a pair whose two runs trained on diffe
 import json
 import math
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -128,11 +128,34 @@ def aggregate(records: List[dict], baseline: str = BASELINE) -> dict:
         result['trainers'][name] = entry
     # Each trainer's mean paired Δ Dice in standard errors of the no-teach spread over its seeds: rms / sqrt(n)
     result['no_teach'] = floor = no_teach_spread(result['trainers'])
+    draws = plain_draws(by_trainer, baseline) if floor else {}
     for name, entry in result['trainers'].items():
         dice = entry['paired'] and entry['paired']['mean']['dice']
-        if dice and floor and floor['n'] >= MIN_CONTROL_PAIRS and floor['rms'] > 0 and not is_control(name):
+        if not dice or is_control(name):
+            continue
+        if floor and floor['n'] >= MIN_CONTROL_PAIRS and floor['rms'] > 0:
             dice['no_teach_se'] = dice['mean'] / (floor['rms'] / math.sqrt(dice['n']))
+        if draws:
+            # against the mean of plain's draws at each seed: the same seed, less of one plain run's spread
+            per_seed = {s: by_trainer[name][s]['metrics']['mean']['dice'] - draws[s][0]
+                        for s in entry['paired']['seeds'] if s in draws}
+            dice['vs_draws'] = dict(spread(list(per_seed.values())), per_seed=per_seed,
+                                    draws={s: draws[s][1] for s in per_seed})
     return result
+
+
+def plain_draws(by_trainer: Dict[str, Dict[int, dict]], baseline: str = BASELINE) -> Dict[int, Tuple[float, int]]:
+    """Per seed, ``(mean Dice, count)`` over the baseline's run and its no-teach controls' runs at that seed: each is a
+    run of plain nnU-Net on the seed's data and initial weights (the controls' within 1e-6), so their mean is plain's
+    Dice at that seed with less of a single run's spread in it."""
+    values: Dict[int, List[float]] = {}
+    for trainer, runs in by_trainer.items():
+        if trainer == baseline or is_control(trainer):
+            for seed, r in runs.items():
+                d = float(r['metrics']['mean']['dice'])
+                if math.isfinite(d):
+                    values.setdefault(int(seed), []).append(d)
+    return {s: (float(np.mean(v)), len(v)) for s, v in values.items()}
 
 
 # ---------------------------------------------------------------------------------------------- markdown
@@ -196,15 +219,17 @@ def markdown(settings: dict, records: List[dict], summary: Optional[dict] = None
     yardstick = bool(floor) and floor['n'] >= MIN_CONTROL_PAIRS
     lines += ['## Accuracy (class mean)', '',
               '| trainer | seeds | ' + ' | '.join(METRIC_TITLES[m] for m in METRICS) +
-              f' | Δ Dice vs {baseline} | Δ HD95 vs {baseline} |' + (' Δ Dice / no-teach SE |' if yardstick else ''),
-              '|---|---|' + '---|' * (len(METRICS) + 2 + yardstick)]
+              f' | Δ Dice vs {baseline} | Δ HD95 vs {baseline} |' + (' Δ Dice / no-teach SE |' if yardstick else '') +
+              (f" Δ Dice vs {baseline}'s draws |" if floor else ''),
+              '|---|---|' + '---|' * (len(METRICS) + 2 + yardstick + bool(floor))]
     for t, e in trainers.items():
         p = e['paired']
         se = _signed(p['mean']['dice'].get('no_teach_se', float('nan')), 1) if p else '–'
         lines.append(f'| {label(t)} | {len(e["seeds"])} | ' +
                      ' | '.join(_mean_sd(e['mean'][m], _digits(m)) for m in METRICS) +
                      f' | {_delta(p and p["mean"]["dice"], 3)} | {_delta(p and p["mean"]["hd95"], 2)} |' +
-                     (f' {se} |' if yardstick else ''))
+                     (f' {se} |' if yardstick else '') +
+                     (f' {_delta(p and p["mean"]["dice"].get("vs_draws"), 3)} |' if floor else ''))
     if floor:
         lines += ['', '## How far nothing moves a run', '',
                   f'The no-teach controls ({CONTROL_PREFIX}K) are plain {baseline} with its initial weights scaled by '
@@ -220,7 +245,10 @@ def markdown(settings: dict, records: List[dict], summary: Optional[dict] = None
                    ' / '.join(str(seeds_to_resolve(floor['rms'], d)) for d in (0.01, 0.02, 0.05)) + ' seeds.'
                    if yardstick else
                    f'Under {MIN_CONTROL_PAIRS} pairs this is no yardstick yet (one control pair may move a run by '
-                   f'nothing or by several Dice): add seeds or controls.')]
+                   f'nothing or by several Dice): add seeds or controls.') +
+                  f' "Δ Dice vs {baseline}\'s draws" compares each trainer with the mean of {baseline} and its '
+                  f'controls at the same seed, all runs of plain {baseline}: the same seeds, with less of one run\'s '
+                  f'spread in the baseline.']
     lines += ['', '## Dice per class', '', '| trainer | ' + ' | '.join(classes) + ' |',
               '|---|' + '---|' * len(classes)]
     for t, e in trainers.items():
